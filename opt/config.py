@@ -1,0 +1,165 @@
+"""Typed configuration: dataclasses loaded from YAML with dotted overrides.
+
+One dataclass per component, a comment per field. Loading goes through
+OmegaConf's structured configs, which reject unknown keys and wrong types; their
+messages are reduced here to one line that names the offending key.
+
+    cfg = load_config("configs/tiny.yaml", ["model.cross.layers=4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from opt.errors import ConfigError
+
+
+@dataclass
+class AudioConfig:
+    sample_rate: int = 16000  # every waveform is resampled to this rate (Hz)
+    n_mels: int = 64  # mel bands of the log-mel features
+    n_fft: int = 400  # FFT size in samples (25 ms at 16 kHz)
+    hop_length: int = 160  # frame step in samples (10 ms at 16 kHz)
+    max_seconds: float = 4.0  # longer audio is clipped, shorter is padded (and masked)
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/world/train-*.tar"  # training shards: directory, glob or brace pattern
+    val: str = "data/world/val-*.tar"  # validation shards
+    modalities: list[str] = field(default_factory=lambda: ["text", "image", "audio"])  # enabled modalities
+    require: list[str] = field(default_factory=list)  # a sample missing one of these is skipped
+    image_size: int = 64  # images are resized (shorter side) and centre-cropped to this
+    max_text_tokens: int = 40  # token ids per caption, bos/eos included
+    max_caption_chars: int = 1000  # longer captions are truncated before tokenising
+    max_image_pixels: int = 40_000_000  # larger images are skipped (decompression-bomb guard)
+    min_audio_seconds: float = 0.05  # shorter audio is skipped
+    batch_size: int = 32  # samples per batch on one process
+    workers: int = 2  # data loader worker processes
+    shuffle_buffer: int = 1000  # samples held for shuffling (0 disables shuffling)
+    strict: bool = False  # raise on the first bad sample instead of skipping and counting it
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = "data/tokenizer.model"  # trained SentencePiece model
+    vocab_size: int = 512  # target vocabulary size (byte fallback adds 256 byte pieces)
+
+
+@dataclass
+class CrossModalConfig:
+    layers: int = 2  # transformer blocks of the cross-modal encoder
+    width: int = 128  # hidden size
+    heads: int = 4  # attention heads
+
+
+@dataclass
+class TextDecoderConfig:
+    layers: int = 2  # causal transformer blocks
+    width: int = 128  # hidden size
+    heads: int = 4  # attention heads
+    label_smoothing: float = 0.1  # as in the OPT paper
+
+
+@dataclass
+class ImageDecoderConfig:
+    layers: int = 2  # transformer blocks over image codes
+    width: int = 128  # hidden size
+    heads: int = 4  # attention heads
+    codebook_size: int = 512  # VQ codebook entries
+    codes: int = 64  # image tokens per image (8 x 8 at 64 px)
+
+
+@dataclass
+class ModelConfig:
+    cross: CrossModalConfig = field(default_factory=CrossModalConfig)
+    text_decoder: TextDecoderConfig = field(default_factory=TextDecoderConfig)
+    image_decoder: ImageDecoderConfig = field(default_factory=ImageDecoderConfig)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0  # seeds model initialisation, masking and data order
+    steps: int = 1000  # optimizer steps
+    lr: float = 5e-5  # peak learning rate
+    warmup_steps: int = 1000  # linear warmup
+    weight_decay: float = 0.01  # AdamW weight decay (not on norms and biases)
+    grad_clip: float = 5.0  # gradient-norm clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0].strip()
+    return f"config key '{key}': {message}" if key else f"config: {message}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from defaults, an optional YAML file and dotted overrides.
+
+    Raises :class:`ConfigError` (one line, naming the key) on a missing file, bad
+    YAML, an unknown key or a value of the wrong type.
+    """
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            content = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(content, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        layers.append(content)
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override '{override}' must look like key.path=value")
+    try:
+        merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(list(overrides)))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error)) from None
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    unknown = sorted(set(config.data.modalities + config.data.require) - {"text", "image", "audio"})
+    if unknown:
+        raise ConfigError(f"config key 'data.modalities': unknown modality {unknown[0]!r} (use text, image, audio)")
+    if not config.data.modalities:
+        raise ConfigError("config key 'data.modalities': at least one modality must be enabled")
+    if config.train.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"config key 'train.precision': {config.train.precision!r} is not fp32, bf16 or fp16")
+    for name, value in (("data.batch_size", config.data.batch_size), ("data.image_size", config.data.image_size),
+                        ("data.max_text_tokens", config.data.max_text_tokens)):
+        if value <= 0:
+            raise ConfigError(f"config key '{name}': must be positive, got {value}")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data (for saving beside runs and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

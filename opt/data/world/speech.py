@@ -1,0 +1,109 @@
+"""Speak captions with eSpeak NG, driven through ctypes.
+
+The library and its voice data come from the ``espeakng-loader`` wheel, so no
+system package (and no root) is needed. Synthesis is synchronous: the
+callback collects 16-bit samples at the engine's rate (22,050 Hz), which are
+then resampled to 16 kHz and given a little background noise.
+
+eSpeak NG keeps global state, so one :class:`Speaker` per process; it is not
+thread-safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+
+# (voice name, variant); the variant changes timbre and pitch range
+VOICES = (
+    "en-us",
+    "en-us+f3",
+    "en-gb-x-rp",
+    "en-gb-x-rp+f2",
+    "en-gb-scotland+m3",
+    "en-029+f4",
+)
+RATE_WPM = (130, 190)
+PITCH = (30, 70)  # eSpeak pitch parameter, 0-100
+SNR_DB = (20.0, 35.0)
+PEAK_LEVEL = 0.8  # clean speech is scaled to this peak before noise is added
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_ESPEAK_RATE, _ESPEAK_PITCH = 1, 3
+_POS_CHARACTER = 1
+_ESPEAK_CHARS_UTF8 = 1
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+@dataclass(frozen=True)
+class Voice:
+    name: str  # eSpeak voice, optionally with a +variant
+    rate: int  # words per minute
+    pitch: int  # 0-100
+    snr_db: float  # background noise level
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> "Voice":
+        return cls(
+            name=VOICES[rng.integers(len(VOICES))],
+            rate=int(rng.integers(RATE_WPM[0], RATE_WPM[1] + 1)),
+            pitch=int(rng.integers(PITCH[0], PITCH[1] + 1)),
+            snr_db=float(np.round(rng.uniform(*SNR_DB), 2)),
+        )
+
+
+class Speaker:
+    """Turns text into a 16 kHz mono float waveform with a given :class:`Voice`."""
+
+    def __init__(self, sample_rate: int = 16000) -> None:
+        import espeakng_loader
+
+        self.sample_rate = sample_rate
+        self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self._lib.espeak_Initialize.restype = ctypes.c_int
+        self._lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        self._lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        data_path = espeakng_loader.get_data_path().encode()
+        self.engine_rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, 0)
+        if self.engine_rate <= 0:
+            raise RuntimeError("eSpeak NG failed to initialise")
+        self._chunks: list[np.ndarray] = []
+        self._callback = _CALLBACK(self._collect)  # keep a reference: the library calls it later
+        self._lib.espeak_SetSynthCallback(self._callback)
+
+    def _collect(self, samples, count, _events) -> int:
+        if count > 0:
+            self._chunks.append(np.ctypeslib.as_array(samples, shape=(count,)).copy())
+        return 0
+
+    def synthesize(self, text: str, voice: Voice) -> np.ndarray:
+        """Clean speech at the engine rate, int16."""
+        if self._lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
+            raise ValueError(f"unknown eSpeak voice {voice.name!r}")
+        self._lib.espeak_SetParameter(_ESPEAK_RATE, voice.rate, 0)
+        self._lib.espeak_SetParameter(_ESPEAK_PITCH, voice.pitch, 0)
+        self._chunks = []
+        encoded = text.encode("utf-8") + b"\0"
+        status = self._lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None)
+        if status != 0:
+            raise RuntimeError(f"eSpeak NG could not speak {text!r} (status {status})")
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.int16)
+
+    def speak(self, text: str, voice: Voice, rng: np.random.Generator) -> np.ndarray:
+        """Speech at ``sample_rate`` as float32 in [-1, 1], with noise at ``voice.snr_db``."""
+        clean = torch.from_numpy(self.synthesize(text, voice).astype(np.float32) / 32768.0)
+        wave = AF.resample(clean, self.engine_rate, self.sample_rate).numpy()
+        peak = float(np.abs(wave).max()) if wave.size else 0.0
+        if peak > 0:
+            wave = wave * (PEAK_LEVEL / peak)
+        power = float(np.mean(wave**2)) if wave.size else 0.0
+        noise_power = power / (10 ** (voice.snr_db / 10))
+        wave = wave + rng.normal(0.0, np.sqrt(noise_power), size=wave.shape)
+        return np.clip(wave, -1.0, 1.0).astype(np.float32)

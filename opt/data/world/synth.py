@@ -1,0 +1,167 @@
+"""Generate the synthetic world as webdataset shards.
+
+Each sample's content is a pure function of ``(seed, split, index)``: its own
+random generator draws the scene, noise, phrasing, voice and audio noise. Shards
+are whole units of work for the worker processes, so the output does not depend
+on the worker count. A rerun into the same directory keeps finished shards and
+writes only the missing ones.
+
+Layout: ``OUT/{split}-{i:06d}.tar`` with members ``KEY.png``, ``KEY.txt``,
+``KEY.wav`` (16 kHz mono PCM16) and ``KEY.json``; ``OUT/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from opt.data.shards import ShardWriter
+from opt.data.world.captions import caption
+from opt.data.world.facts import held_out_pairs, sample_scene
+from opt.data.world.render import render
+from opt.data.world.speech import Speaker, Voice
+from opt.errors import UserError
+
+GENERATOR_VERSION = "1.0"
+SPLITS = ("train", "val", "test", "test_novel")
+SAMPLE_RATE = 16000
+
+_speaker: Speaker | None = None  # one per process: eSpeak NG keeps global state
+
+
+def _get_speaker() -> Speaker:
+    global _speaker
+    if _speaker is None:
+        _speaker = Speaker(SAMPLE_RATE)
+    return _speaker
+
+
+def sample_key(split: str, index: int) -> str:
+    return f"{split}_{index:07d}"
+
+
+def make_sample(split: str, index: int, *, seed: int, image_size: int,
+                held_out: set[tuple[str, str]]) -> tuple[str, dict[str, bytes]]:
+    """Generate one sample: its key and its members as bytes."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    scene = sample_scene(rng, image_size, novel=split == "test_novel", held_out=held_out)
+    image = render(scene, image_size, rng)
+    text = caption(scene, rng)
+    voice = Voice.sample(rng)
+    wave = _get_speaker().speak(text, voice, rng)
+
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    wav = io.BytesIO()
+    sf.write(wav, wave, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    meta = scene.facts() | {"split": split, "seed": seed, "index": index, "voice": dataclasses.asdict(voice)}
+    members = {
+        "png": png.getvalue(),
+        "txt": text.encode("utf-8"),
+        "wav": wav.getvalue(),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+    return sample_key(split, index), members
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardJob:
+    path: str
+    split: str
+    start: int
+    stop: int
+    seed: int
+    image_size: int
+    held_out: tuple[tuple[str, str], ...]
+
+
+def _write_shard(job: _ShardJob) -> int:
+    held_out = set(job.held_out)
+    with ShardWriter(job.path) as shard:
+        for index in range(job.start, job.stop):
+            key, members = make_sample(job.split, index, seed=job.seed, image_size=job.image_size, held_out=held_out)
+            shard.write(key, members)
+    return job.stop - job.start
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _check_existing(out: Path, manifest: dict) -> None:
+    existing = out / "manifest.json"
+    if not existing.is_file():
+        return
+    old = json.loads(existing.read_text())
+    for field in ("seed", "image_size", "shard_size", "counts", "version"):
+        if old.get(field) != manifest[field]:
+            raise UserError(f"{out} already holds a world with a different {field} "
+                            f"({old.get(field)} vs {manifest[field]}); choose another --out")
+
+
+def synthesize_world(out: str | Path, counts: dict[str, int], *, seed: int = 0, image_size: int = 64,
+                     shard_size: int = 1000, workers: int = 1, progress: bool = True) -> dict:
+    """Write the world's shards and manifest into ``out`` and return the manifest."""
+    unknown = set(counts) - set(SPLITS)
+    if unknown:
+        raise UserError(f"unknown split {sorted(unknown)[0]!r}; splits are {', '.join(SPLITS)}")
+    if any(n < 0 for n in counts.values()):
+        raise UserError("sample counts must be >= 0")
+    if image_size < 32:
+        raise UserError(f"--image-size must be at least 32, got {image_size}")
+    if shard_size <= 0 or workers <= 0:
+        raise UserError("--shard-size and --workers must be positive")
+    out = Path(out)
+    held_out = held_out_pairs(seed)
+    counts = {split: int(counts.get(split, 0)) for split in SPLITS}
+    jobs: list[_ShardJob] = []
+    shards: dict[str, list[str]] = {}
+    for split, total in counts.items():
+        shards[split] = []
+        for shard_index, start in enumerate(range(0, total, shard_size)):
+            name = f"{split}-{shard_index:06d}.tar"
+            shards[split].append(name)
+            jobs.append(_ShardJob(str(out / name), split, start, min(start + shard_size, total),
+                                  seed, image_size, tuple(held_out)))
+    manifest = {
+        "generator": "opt synthetic world",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "sample_rate": SAMPLE_RATE,
+        "shard_size": shard_size,
+        "counts": counts,
+        "held_out_pairs": [list(pair) for pair in held_out],
+        "shards": shards,
+    }
+    _check_existing(out, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / "manifest.json", manifest)  # written first so a resumed run can check it
+    todo = [job for job in jobs if not os.path.isfile(job.path)]
+    total = sum(job.stop - job.start for job in todo)
+    with tqdm(total=total, unit="sample", desc="synth", disable=not progress) as bar:
+        if workers == 1 or len(todo) <= 1:
+            for job in todo:
+                bar.update(_write_shard(job))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(min(workers, len(todo)), initializer=_worker_init) as pool:
+                for done in pool.imap_unordered(_write_shard, todo):
+                    bar.update(done)
+    return manifest
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
