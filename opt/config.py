@@ -27,7 +27,7 @@ class AudioConfig:
     n_mels: int = 64  # mel bands of the log-mel features
     n_fft: int = 400  # FFT size in samples (25 ms at 16 kHz)
     hop_length: int = 160  # frame step in samples (10 ms at 16 kHz)
-    max_seconds: float = 4.0  # longer audio is clipped, shorter is padded (and masked)
+    max_seconds: float = 6.0  # longer audio is clipped, shorter is padded (and masked)
 
 
 @dataclass

@@ -1,0 +1,5 @@
+import sys
+
+from opt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,204 @@
+"""The webdataset pipeline that feeds training and evaluation.
+
+    shards -> (resampled | listed, split by node and worker) -> tar samples
+           -> shuffle buffer -> decode + validate -> collate into batches
+
+A batch is a dict keyed by modality::
+
+    {"keys": [str] * b, "captions": [str | None] * b, "meta": [dict] * b,
+     "text":  {"ids": (b, t) long, "mask": (b, t) bool, "present": (b,) bool},
+     "image": {"pixels": (b, 3, H, W) float in [0, 1], "present": (b,) bool},
+     "audio": {"features": (b, f, n_mels) float, "mask": (b, f) bool, "present": (b,) bool}}
+
+Masks are True on real positions. A disabled modality has no entry; an absent
+one in a sample has ``present`` False and all-padding rows. Bad samples are
+skipped or repaired (see :mod:`opt.data.samples`) and counted; the counts ride
+along with each batch from the worker processes and are summed by
+:class:`BatchLoader`. In strict mode the first bad sample raises
+:class:`~opt.errors.DataError` naming the shard and key.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from opt.config import Config
+from opt.data.audio import pad_frames
+from opt.data.samples import DecodedSample, SampleDecoder, SkipSample
+from opt.data.shards import resolve_shards
+from opt.errors import DataError
+from opt.text.tokenizer import TextTokenizer
+
+
+@dataclass
+class DataStats:
+    """Counts of skipped samples and of repairs, by reason."""
+
+    skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    samples: int = 0  # samples delivered in batches
+
+    def add(self, other: "DataStats") -> None:
+        self.skipped.update(other.skipped)
+        self.repaired.update(other.repaired)
+        self.samples += other.samples
+
+    def take(self) -> "DataStats":
+        """Return the counts so far and reset them (used to ship deltas from workers)."""
+        taken = DataStats(self.skipped, self.repaired, self.samples)
+        self.skipped, self.repaired, self.samples = Counter(), Counter(), 0
+        return taken
+
+    def summary(self) -> str:
+        parts = [f"{self.samples} samples used", f"{sum(self.skipped.values())} skipped"]
+        if self.skipped:
+            parts[-1] += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")"
+        if self.repaired:
+            parts.append("repaired " + ", ".join(f"{k}: {v}" for k, v in sorted(self.repaired.items())))
+        return "data: " + "; ".join(parts)
+
+
+_worker_stats = DataStats()  # per process; shards' read errors are counted here too
+
+
+def _tar_error_handler(strict: bool):
+    def handle(error: Exception) -> bool:
+        url = next((a for a in reversed(error.args) if isinstance(a, str) and a.endswith(".tar")), "?")
+        if strict:
+            raise DataError(f"{url}: unreadable shard ({type(error).__name__}: {error.args[0] if error.args else ''})")
+        _worker_stats.skipped["shard_unreadable"] += 1
+        return True
+
+    return handle
+
+
+def _decode(samples: Iterator[dict], decoder: SampleDecoder, strict: bool) -> Iterator[DecodedSample]:
+    for raw in samples:
+        try:
+            decoded = decoder(raw)
+        except SkipSample as skip:
+            if strict:
+                raise DataError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}: {skip.reason}") from None
+            _worker_stats.skipped[skip.reason] += 1
+            continue
+        _worker_stats.repaired.update(decoded.repairs)
+        yield decoded
+
+
+class Collator:
+    """Stacks :class:`DecodedSample` lists into the batch dict described above."""
+
+    def __init__(self, modalities: list[str], pad_id: int, n_mels: int) -> None:
+        self.modalities = modalities
+        self.pad_id = pad_id
+        self.n_mels = n_mels
+
+    def __call__(self, samples: list[DecodedSample]) -> dict:
+        batch: dict = {
+            "keys": [s.key for s in samples],
+            "captions": [s.caption for s in samples],
+            "meta": [s.meta for s in samples],
+        }
+        if "text" in self.modalities:
+            longest = max((len(s.text) for s in samples if s.text is not None), default=1)
+            ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
+            for row, s in enumerate(samples):
+                if s.text is not None:
+                    ids[row, : len(s.text)] = torch.tensor(s.text)
+            present = torch.tensor([s.text is not None for s in samples])
+            lengths = torch.tensor([len(s.text) if s.text is not None else 0 for s in samples])
+            mask = torch.arange(longest)[None, :] < lengths[:, None]
+            batch["text"] = {"ids": ids, "mask": mask, "present": present}
+        if "image" in self.modalities:
+            reference = next((s.image for s in samples if s.image is not None), None)
+            shape = reference.shape if reference is not None else (3, 1, 1)
+            pixels = torch.stack([s.image if s.image is not None else torch.zeros(shape) for s in samples])
+            batch["image"] = {"pixels": pixels, "present": torch.tensor([s.image is not None for s in samples])}
+        if "audio" in self.modalities:
+            features, mask = pad_frames([s.audio for s in samples], self.n_mels)
+            batch["audio"] = {"features": features, "mask": mask,
+                              "present": torch.tensor([s.audio is not None for s in samples])}
+        return batch
+
+
+def _batches(samples: Iterator[DecodedSample], batch_size: int, partial: bool,
+             collate: Collator) -> Iterator[dict]:
+    buffer: list[DecodedSample] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) == batch_size:
+            yield _with_stats(collate(buffer))
+            buffer = []
+    if buffer and partial:
+        yield _with_stats(collate(buffer))
+    elif _worker_stats.skipped or _worker_stats.repaired:
+        yield {"stats": _worker_stats.take()}  # counts from the tail must still reach the main process
+
+
+def _with_stats(batch: dict) -> dict:
+    _worker_stats.samples += len(batch["keys"])
+    batch["stats"] = _worker_stats.take()
+    return batch
+
+
+def build_dataset(shards: list[str], config: Config, tokenizer: TextTokenizer | None, *,
+                  train: bool, batch_size: int | None = None) -> wds.DataPipeline:
+    """The pipeline as an ``IterableDataset`` of batches.
+
+    ``train=True``: shards resampled forever with a seeded RNG, a shuffle buffer,
+    full batches only. ``train=False``: each shard once, in order, last batch kept.
+    """
+    data = config.data
+    if "text" in data.modalities and tokenizer is None:
+        raise ValueError("a tokenizer is needed when the text modality is enabled")
+    decoder = SampleDecoder(data, config.audio, tokenizer)
+    collate = Collator(data.modalities, tokenizer.pad_id if tokenizer else 0, config.audio.n_mels)
+    strict = data.strict
+    if train:
+        stages = [wds.ResampledShards(shards, seed=config.train.seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
+    stages.append(wds.tarfile_to_samples(handler=_tar_error_handler(strict)))
+    if train and data.shuffle_buffer > 0:
+        stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer // 2, seed=config.train.seed))
+    stages.append(wds.pipelinefilter(_decode)(decoder, strict))
+    stages.append(wds.pipelinefilter(_batches)(batch_size or data.batch_size, not train, collate))
+    return wds.DataPipeline(*stages)
+
+
+class BatchLoader:
+    """Iterates batches from a shard spec with worker processes and keeps the data counts.
+
+        loader = BatchLoader("data/world/val-*.tar", config, tokenizer, train=False)
+        for batch in loader: ...
+        print(loader.stats.summary())
+    """
+
+    def __init__(self, spec: str, config: Config, tokenizer: TextTokenizer | None, *, train: bool,
+                 workers: int | None = None, batch_size: int | None = None) -> None:
+        self.shards = resolve_shards(spec)
+        self.dataset = build_dataset(self.shards, config, tokenizer, train=train, batch_size=batch_size)
+        self.workers = config.data.workers if workers is None else workers
+        if not train:
+            self.workers = min(self.workers, len(self.shards))
+        self.stats = DataStats()
+
+    def __iter__(self) -> Iterator[dict]:
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                            persistent_workers=False, prefetch_factor=4 if self.workers else None)
+        try:
+            for batch in loader:
+                self.stats.add(batch.pop("stats"))
+                if "keys" in batch:
+                    yield batch
+        except DataError as error:  # from a worker the message carries the worker's traceback
+            raise DataError(str(error).strip().splitlines()[-1].removeprefix("opt.errors.DataError: ")) from None
+        finally:
+            if self.workers == 0:
+                self.stats.add(_worker_stats.take())

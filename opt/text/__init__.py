@@ -1,0 +1,5 @@
+"""Text tokenisation."""
+
+from opt.text.tokenizer import TextTokenizer, train_tokenizer
+
+__all__ = ["TextTokenizer", "train_tokenizer"]
