@@ -6,7 +6,11 @@ callback collects 16-bit samples at the engine's rate (22,050 Hz), which are
 then resampled to 16 kHz and given a little background noise.
 
 eSpeak NG keeps global state, so one :class:`Speaker` per process; it is not
-thread-safe.
+thread-safe. Its output depends on a random generator, which is seeded from the
+sample's own generator before every utterance, and on wave-generator state
+that carries over from earlier utterances in the same process (no API resets
+it). Output is therefore reproducible for the same sequence of utterances in
+a fresh process: the world generator speaks each shard in a process of its own.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class Speaker:
         self._lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         self._lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         self._lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         data_path = espeakng_loader.get_data_path().encode()
@@ -83,8 +88,9 @@ class Speaker:
             self._chunks.append(np.ctypeslib.as_array(samples, shape=(count,)).copy())
         return 0
 
-    def synthesize(self, text: str, voice: Voice) -> np.ndarray:
-        """Clean speech at the engine rate, int16."""
+    def synthesize(self, text: str, voice: Voice, seed: int = 0) -> np.ndarray:
+        """Clean speech at the engine rate, int16; ``seed`` seeds eSpeak's random generator."""
+        self._lib.espeak_ng_SetRandSeed(seed)
         if self._lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
             raise ValueError(f"unknown eSpeak voice {voice.name!r}")
         self._lib.espeak_SetParameter(_ESPEAK_RATE, voice.rate, 0)
@@ -98,7 +104,8 @@ class Speaker:
 
     def speak(self, text: str, voice: Voice, rng: np.random.Generator) -> np.ndarray:
         """Speech at ``sample_rate`` as float32 in [-1, 1], with noise at ``voice.snr_db``."""
-        clean = torch.from_numpy(self.synthesize(text, voice).astype(np.float32) / 32768.0)
+        speech = self.synthesize(text, voice, seed=int(rng.integers(2**31)))
+        clean = torch.from_numpy(speech.astype(np.float32) / 32768.0)
         wave = AF.resample(clean, self.engine_rate, self.sample_rate).numpy()
         peak = float(np.abs(wave).max()) if wave.size else 0.0
         if peak > 0:

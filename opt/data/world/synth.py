@@ -1,9 +1,11 @@
 """Generate the synthetic world as webdataset shards.
 
-Each sample's content is a pure function of ``(seed, split, index)``: its own
-random generator draws the scene, noise, phrasing, voice and audio noise. Shards
-are whole units of work for the worker processes, so the output does not depend
-on the worker count. A rerun into the same directory keeps finished shards and
+Each sample's content is a function of ``(seed, split, index)``: its own random
+generator draws the scene, noise, phrasing, voice and audio noise. The speech
+synthesizer also carries state from one utterance to the next, so every shard
+is written by a fresh process (forked from a clean server process, one shard
+per process): a shard's bytes then depend only on the seed and the shard, not
+on the worker count or on which shards came before. A rerun into the same directory keeps finished shards and
 writes only the missing ones.
 
 Layout: ``OUT/{split}-{i:06d}.tar`` with members ``KEY.png``, ``KEY.txt``,
@@ -98,6 +100,13 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
+def _process_pool(workers: int):
+    """A pool whose every task runs in a new process forked from a clean server."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context.Pool(workers, initializer=_worker_init, maxtasksperchild=1)
+
+
 def _check_existing(out: Path, manifest: dict) -> None:
     existing = out / "manifest.json"
     if not existing.is_file():
@@ -150,12 +159,8 @@ def synthesize_world(out: str | Path, counts: dict[str, int], *, seed: int = 0, 
     todo = [job for job in jobs if not os.path.isfile(job.path)]
     total = sum(job.stop - job.start for job in todo)
     with tqdm(total=total, unit="sample", desc="synth", disable=not progress) as bar:
-        if workers == 1 or len(todo) <= 1:
-            for job in todo:
-                bar.update(_write_shard(job))
-        else:
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(min(workers, len(todo)), initializer=_worker_init) as pool:
+        if todo:
+            with _process_pool(min(workers, len(todo))) as pool:
                 for done in pool.imap_unordered(_write_shard, todo):
                     bar.update(done)
     return manifest

@@ -1,0 +1,69 @@
+"""Typed configs: YAML + dotted overrides, one-line errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opt.config import Config, load_config, save_config
+from opt.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny", "base", "large"])
+def test_shipped_configs_load(name):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert isinstance(config, Config)
+
+
+def test_base_has_the_paper_scale():
+    model = load_config(CONFIGS / "base.yaml").model
+    assert (model.cross.layers, model.cross.width, model.cross.heads) == (12, 768, 12)
+    assert (model.text_decoder.layers, model.text_decoder.width, model.text_decoder.heads) == (6, 1024, 16)
+    assert (model.image_decoder.codebook_size, model.image_decoder.codes) == (8192, 64)
+    assert model.text_decoder.label_smoothing == 0.1
+
+
+def test_dotted_overrides_win_over_the_file():
+    config = load_config(CONFIGS / "tiny.yaml", ["model.cross.layers=4", "data.modalities=[text,audio]",
+                                                 "train.lr=0.5"])
+    assert config.model.cross.layers == 4
+    assert config.data.modalities == ["text", "audio"]
+    assert config.train.lr == 0.5
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.cross.layrs=4"], "config key 'model.cross.layrs'"),
+    (["model.cross.layers=four"], "config key 'model.cross.layers'"),
+    (["data.modalities=[text,video]"], "unknown modality 'video'"),
+    (["train.precision=fp8"], "config key 'train.precision'"),
+    (["data.batch_size=0"], "config key 'data.batch_size'"),
+    (["novalue"], "must look like key.path=value"),
+])
+def test_bad_overrides_are_one_line_errors_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_key_in_a_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError, match="data.batch_sise"):
+        load_config(path)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    (tmp_path / "broken.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    config = load_config(CONFIGS / "tiny.yaml", ["model.cross.layers=3"])
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == config

@@ -1,0 +1,201 @@
+"""The data pipeline: batch layout, shard specs, and every bad-input case."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from opt.config import load_config
+from opt.data.pipeline import BatchLoader
+from opt.data.shards import ShardWriter, resolve_shards
+from opt.errors import DataError, UserError
+
+
+def world_samples(world, count):
+    grouped = {}
+    with tarfile.open(next(world.glob("train-*.tar"))) as tar:
+        for member in tar:
+            key, _, extension = member.name.partition(".")
+            grouped.setdefault(key, {})[extension] = tar.extractfile(member).read()
+            if len(grouped) > count:
+                break
+    return [grouped[k] for k in list(grouped)[:count]]
+
+
+def wav(seconds=1.0, rate=16000, channels=1):
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * 300 * t)
+    buffer = io.BytesIO()
+    sf.write(buffer, np.stack([wave] * channels, axis=1), rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def png(width, height, mode="RGB"):
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# key -> (how the good sample is changed, expected skip reason or repair)
+def bad_cases(good):
+    return {
+        "corrupt_image": ({"png": b"\x89PNG\r\n\x1a\nnot really"}, ("skip", "image_corrupt")),
+        "truncated_image": ({"png": good["png"][: len(good["png"]) // 2]}, ("skip", "image_corrupt")),
+        "empty_member": ({"wav": b""}, ("skip", "audio_empty")),
+        "empty_caption": ({"txt": b"   \n"}, ("skip", "text_empty")),
+        "non_utf8_caption": ({"txt": b"\xff\xfe caption"}, ("skip", "text_not_utf8")),
+        "long_caption": ({"txt": ("a red circle " * 800).encode()[:10_000]}, ("repair", "text_truncated")),
+        "missing_member": ({"wav": None}, ("repair", "missing_audio")),
+        "rate_44k": ({"wav": wav(rate=44100)}, ("repair", "audio_resampled")),
+        "stereo": ({"wav": wav(channels=2)}, ("repair", "audio_downmixed")),
+        "huge_image": ({"png": png(1200, 1200)}, ("skip", "image_too_large")),
+        "grey_odd_size_image": ({"png": png(96, 128, "L")}, ("repair", "image_resized")),
+        "corrupt_audio": ({"wav": b"RIFF\x24\x00\x00\x00WAVEfmt garbage"}, ("skip", "audio_corrupt")),
+        "too_short_audio": ({"wav": wav(seconds=0.01)}, ("skip", "audio_too_short")),
+        "bad_json": ({"json": b"{not json"}, ("repair", "meta_unreadable")),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_shard(world, tmp_path_factory):
+    goods = world_samples(world, 3)
+    path = tmp_path_factory.mktemp("bad") / "bad-000000.tar"
+    with ShardWriter(path) as shard:
+        for i, good in enumerate(goods):
+            shard.write(f"good{i}", good)
+        for key, (change, _) in bad_cases(goods[0]).items():
+            members = {k: v for k, v in ({**goods[0], **change}).items() if v is not None}
+            shard.write(key, members)
+    return path
+
+
+def bad_config(**overrides):
+    items = {"data.batch_size": 4, "data.workers": 0, "data.max_image_pixels": 1_000_000,
+             "data.max_text_tokens": 24} | overrides
+    return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def collect(loader):
+    batches = list(loader)
+    keys = [k for b in batches for k in b["keys"]]
+    return batches, keys
+
+
+def test_batches_have_the_documented_layout(world, tokenizer, config):
+    loader = BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=False)
+    batches, keys = collect(loader)
+    assert len(keys) == 24 and len(set(keys)) == 24
+    batch = batches[0]
+    b = len(batch["keys"])
+    ids, mask = batch["text"]["ids"], batch["text"]["mask"]
+    assert ids.shape == mask.shape and ids.shape[0] == b
+    assert (ids[~mask] == tokenizer.pad_id).all() and (ids[:, 0] == tokenizer.bos_id).all()
+    assert batch["image"]["pixels"].shape == (b, 3, 64, 64)
+    assert 0.0 <= batch["image"]["pixels"].min() and batch["image"]["pixels"].max() <= 1.0
+    features, audio_mask = batch["audio"]["features"], batch["audio"]["mask"]
+    assert features.shape[:2] == audio_mask.shape and features.shape[2] == config.audio.n_mels
+    assert (audio_mask.sum(1) > 100).all()  # > 1 s of speech each
+    assert all(batch[m]["present"].all() for m in ("text", "image", "audio"))
+    assert batch["captions"][0] and batch["meta"][0]["objects"]
+    assert loader.stats.samples == 24 and not loader.stats.skipped
+
+
+def test_disabled_modality_is_absent_from_batches(world, tokenizer):
+    config = load_config(None, ["data.modalities=[text,image]", "data.workers=0", "data.batch_size=8"])
+    batch = next(iter(BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=False)))
+    assert "audio" not in batch and "image" in batch and "text" in batch
+
+
+def test_training_mode_resamples_forever_with_full_shuffled_batches(world, tokenizer):
+    config = load_config(None, ["data.batch_size=16", "data.workers=2", "data.shuffle_buffer=64"])
+    loader = BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=True)
+    seen = []
+    for step, batch in enumerate(loader):
+        assert len(batch["keys"]) == 16
+        seen.extend(batch["keys"])
+        if step == 5:
+            break
+    assert len(seen) == 96 > 24  # more than the 24 samples in the split: it loops
+    assert seen[:24] != sorted(seen[:24])
+
+
+def test_every_bad_input_is_skipped_or_repaired_and_counted(bad_shard, tokenizer):
+    cases = bad_cases({"png": b"", "wav": b""})
+    loader = BatchLoader(str(bad_shard), bad_config(), tokenizer, train=False)
+    batches, keys = collect(loader)
+    expected_kept = {"good0", "good1", "good2"} | {k for k, (_, (kind, _)) in cases.items() if kind == "repair"}
+    assert set(keys) == expected_kept
+    skips = Counter(reason for _, (kind, reason) in cases.values() if kind == "skip")
+    assert loader.stats.skipped == skips
+    for _, (kind, reason) in cases.values():
+        if kind == "repair":
+            assert loader.stats.repaired[reason] >= 1, reason
+    by_key = {k: (b, i) for b in batches for i, k in enumerate(b["keys"])}
+    batch, row = by_key["missing_member"]
+    assert not batch["audio"]["present"][row] and not batch["audio"]["mask"][row].any()
+    batch, row = by_key["long_caption"]
+    assert batch["text"]["mask"][row].sum() == 24 and len(batch["captions"][row]) == 1000
+    batch, row = by_key["grey_odd_size_image"]
+    assert batch["image"]["pixels"][row].shape == (3, 64, 64)
+    assert "skipped" in loader.stats.summary()
+
+
+def test_counts_are_summed_across_worker_processes(bad_shard, tokenizer, tmp_path):
+    for name in ("bad-000000.tar", "bad-000001.tar"):
+        (tmp_path / name).write_bytes(bad_shard.read_bytes())
+    one = BatchLoader(str(bad_shard), bad_config(), tokenizer, train=False)
+    collect(one)
+    two = BatchLoader(f"{tmp_path}/bad-*.tar", bad_config(**{"data.workers": 2}), tokenizer, train=False)
+    _, keys = collect(two)
+    assert two.workers == 2
+    assert len(keys) == 2 * one.stats.samples
+    assert two.stats.skipped == one.stats.skipped + one.stats.skipped
+
+
+def test_required_modality_missing_is_a_skip(bad_shard, tokenizer):
+    loader = BatchLoader(str(bad_shard), bad_config(**{"data.require": "[audio]"}), tokenizer, train=False)
+    _, keys = collect(loader)
+    assert "missing_member" not in keys and loader.stats.skipped["missing_audio"] == 1
+
+
+def test_strict_mode_names_the_shard_and_key(bad_shard, tokenizer):
+    loader = BatchLoader(str(bad_shard), bad_config(**{"data.strict": True}), tokenizer, train=False)
+    with pytest.raises(DataError, match=r"bad-000000\.tar: sample corrupt_image: image_corrupt"):
+        collect(loader)
+
+
+def test_strict_mode_error_from_a_worker_is_one_line(bad_shard, tokenizer):
+    config = bad_config(**{"data.strict": True, "data.workers": 1})
+    with pytest.raises(DataError) as error:
+        collect(BatchLoader(str(bad_shard), config, tokenizer, train=False))
+    assert "\n" not in str(error.value) and "corrupt_image" in str(error.value)
+
+
+def test_truncated_and_empty_shards_are_counted_not_fatal(world, tokenizer, tmp_path):
+    shard = next(world.glob("val-*.tar")).read_bytes()
+    (tmp_path / "a-000000.tar").write_bytes(shard[: len(shard) // 2 + 100])
+    (tmp_path / "a-000001.tar").write_bytes(b"")
+    (tmp_path / "a-000002.tar").write_bytes(shard)
+    loader = BatchLoader(str(tmp_path), bad_config(), tokenizer, train=False)
+    _, keys = collect(loader)
+    assert len(keys) >= 24 + 5  # the intact shard plus what preceded the cut
+    assert loader.stats.skipped["shard_unreadable"] >= 1
+
+
+def test_shard_specs_accept_directories_globs_and_braces(world):
+    by_dir = resolve_shards(str(world))
+    assert len(by_dir) == 6
+    assert resolve_shards(f"{world}/train-*.tar") == [str(p) for p in sorted(world.glob("train-*.tar"))]
+    assert resolve_shards(f"{world}/train-{{000000..000002}}.tar") == resolve_shards(f"{world}/train-*.tar")
+    with pytest.raises(UserError, match="shard not found"):
+        resolve_shards(f"{world}/train-{{000000..000009}}.tar")
+    with pytest.raises(UserError, match="no shards match"):
+        resolve_shards(f"{world}/nothing-*.tar")
+    with pytest.raises(UserError, match="no such shard"):
+        resolve_shards(f"{world}/missing.tar")
