@@ -54,10 +54,49 @@ class TokenizerConfig:
 
 
 @dataclass
-class CrossModalConfig:
-    layers: int = 2  # transformer blocks of the cross-modal encoder
+class VQConfig:
+    codebook_size: int = 512  # discrete image codes (base: 8192)
+    code_dim: int = 64  # size of a codebook vector
+    channels: int = 32  # channels at full resolution (x1, x2, x4, x4 down to 1/8 resolution)
+    res_blocks: int = 1  # residual blocks per stage
+    decay: float = 0.99  # EMA decay of the codebook
+    commitment_weight: float = 0.25  # encoder commitment loss weight
+    dead_code_threshold: float = 1.0  # codes whose EMA usage falls below this are restarted from the batch
+
+
+@dataclass
+class VisionConfig:
+    patch_size: int = 8  # ViT patch side in pixels (8 at 64 px = the VQ grid)
+    layers: int = 2  # transformer blocks
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
+    pretrained_path: str | None = None  # optional local timm weights (.safetensors or .pth state dict)
+
+
+@dataclass
+class TextEncoderConfig:
+    layers: int = 2  # BERT layers
+    width: int = 128  # hidden size
+    heads: int = 4  # attention heads
+    pretrained_dir: str | None = None  # optional local transformers directory (from_pretrained)
+
+
+@dataclass
+class AudioEncoderConfig:
+    front: str = "logmel_conv"  # logmel_conv (log-mel + conv subsampling) | wav2vec2_conv (raw waveform)
+    subsample: int = 4  # time reduction of the logmel_conv front (2, 4 or 8)
+    layers: int = 2  # transformer blocks
+    width: int = 128  # hidden size
+    heads: int = 4  # attention heads
+
+
+@dataclass
+class CrossModalConfig:
+    layers: int = 2  # transformer blocks of the cross-modal encoder
+    width: int = 128  # hidden size (every encoder is projected to it)
+    heads: int = 4  # attention heads
+    max_text_positions: int = 64  # position embeddings for text tokens
+    max_audio_positions: int = 256  # position embeddings for audio frames after subsampling
 
 
 @dataclass
@@ -66,6 +105,7 @@ class TextDecoderConfig:
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
     label_smoothing: float = 0.1  # as in the OPT paper
+    max_length: int = 64  # longest generated sequence, bos/eos included
 
 
 @dataclass
@@ -73,15 +113,33 @@ class ImageDecoderConfig:
     layers: int = 2  # transformer blocks over image codes
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
-    codebook_size: int = 512  # VQ codebook entries
-    codes: int = 64  # image tokens per image (8 x 8 at 64 px)
+
+
+@dataclass
+class TowerConfig:
+    dim: int = 128  # shared embedding size of the two-tower heads
+    temperature: float = 0.07  # initial softmax temperature (learned)
 
 
 @dataclass
 class ModelConfig:
+    dropout: float = 0.0  # dropout in every transformer block (paper: 0.1)
+    mlp_ratio: int = 4  # MLP hidden size / width
+    vq: VQConfig = field(default_factory=VQConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     cross: CrossModalConfig = field(default_factory=CrossModalConfig)
     text_decoder: TextDecoderConfig = field(default_factory=TextDecoderConfig)
     image_decoder: ImageDecoderConfig = field(default_factory=ImageDecoderConfig)
+    towers: TowerConfig = field(default_factory=TowerConfig)
+
+
+@dataclass
+class VQTrainConfig:
+    steps: int = 2000  # optimizer steps of `opt vq train`
+    batch_size: int = 64  # images per step
+    lr: float = 1e-3  # Adam learning rate (cosine decay)
 
 
 @dataclass
@@ -102,6 +160,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    vq_train: VQTrainConfig = field(default_factory=VQTrainConfig)
 
 
 def _one_line(error: OmegaConfBaseException) -> str:
@@ -147,12 +206,30 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config key 'data.modalities': unknown modality {unknown[0]!r} (use text, image, audio)")
     if not config.data.modalities:
         raise ConfigError("config key 'data.modalities': at least one modality must be enabled")
+    if config.model.audio.front not in ("logmel_conv", "wav2vec2_conv"):
+        raise ConfigError(f"config key 'model.audio.front': {config.model.audio.front!r} is not logmel_conv or wav2vec2_conv")
+    if config.model.audio.subsample not in (2, 4, 8):
+        raise ConfigError(f"config key 'model.audio.subsample': must be 2, 4 or 8, got {config.model.audio.subsample}")
+    if config.data.image_size % 8:
+        raise ConfigError(f"config key 'data.image_size': must be a multiple of 8 (the VQ grid), got {config.data.image_size}")
+    for name in ("vision", "text", "audio", "cross", "text_decoder", "image_decoder"):
+        part = getattr(config.model, name)
+        if part.width % part.heads:
+            raise ConfigError(f"config key 'model.{name}.width': {part.width} is not divisible by {part.heads} heads")
     if config.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"config key 'train.precision': {config.train.precision!r} is not fp32, bf16 or fp16")
     for name, value in (("data.batch_size", config.data.batch_size), ("data.image_size", config.data.image_size),
                         ("data.max_text_tokens", config.data.max_text_tokens)):
         if value <= 0:
             raise ConfigError(f"config key '{name}': must be positive, got {value}")
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass (any section) from plain data, with the same checks as files."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error)) from None
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def test_base_has_the_paper_scale():
     model = load_config(CONFIGS / "base.yaml").model
     assert (model.cross.layers, model.cross.width, model.cross.heads) == (12, 768, 12)
     assert (model.text_decoder.layers, model.text_decoder.width, model.text_decoder.heads) == (6, 1024, 16)
-    assert (model.image_decoder.codebook_size, model.image_decoder.codes) == (8192, 64)
+    assert model.vq.codebook_size == 8192
     assert model.text_decoder.label_smoothing == 0.1
 
 

@@ -1,0 +1,1 @@
+"""Training loops. DeepSpeed is imported only by the pretraining engine module."""

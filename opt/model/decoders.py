@@ -1,0 +1,85 @@
+"""The two cross-modal decoders. Both attend to the fused states of the
+cross-modal encoder and return logits only; losses live in the tasks and
+decoding loops in :mod:`opt.model.generation`.
+
+- :class:`TextDecoder`: causal transformer over token ids with cross-attention,
+  output embedding tied to the input embedding.
+- :class:`ImageTokenDecoder`: transformer over the VQ codes of an image with
+  cross-attention. ``causal=True`` is autoregressive decoding over the codes in
+  raster order (input ``[BOS] + codes[:-1]``, as in OPT); ``causal=False`` is
+  MaskGIT-style parallel decoding (input: codes with some replaced by
+  ``[MASK]``). One network serves both. A learned null context stands in
+  for the condition when it is dropped (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from opt.config import ImageDecoderConfig, TextDecoderConfig
+from opt.model.layers import LayerCache, Transformer, attention_mask
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, config: TextDecoderConfig, *, vocab_size: int, context_width: int, mlp_ratio: int = 4,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.max_length = config.max_length
+        self.embed = nn.Embedding(vocab_size, config.width)
+        self.positions = nn.Embedding(config.max_length, config.width)
+        self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
+                                       mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width)
+        self.head = nn.Linear(config.width, vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+
+    def new_cache(self) -> list[LayerCache]:
+        return self.transformer.new_cache()
+
+    def forward(self, ids: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, *,
+                cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """Logits (b, t, vocab) for ids (b, t) following the ``cache``'s length of earlier tokens."""
+        offset = cache[0].self_attention.length if cache else 0
+        x = self.embed(ids) + self.positions(torch.arange(offset, offset + ids.shape[1], device=ids.device))
+        keys = offset + ids.shape[1]
+        self_mask = attention_mask(None, ids.shape[1], causal=True, offset=offset, keys=keys, device=ids.device)
+        x = self.transformer(x, mask=self_mask, context=context, context_mask=context_mask[:, None, None, :],
+                             cache=cache)
+        return self.head(x)
+
+
+class ImageTokenDecoder(nn.Module):
+    def __init__(self, config: ImageDecoderConfig, *, codebook_size: int, codes: int, context_width: int,
+                 mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.codes = codes
+        self.mask_id = codebook_size
+        self.bos_id = codebook_size + 1
+        self.embed = nn.Embedding(codebook_size + 2, config.width)
+        self.positions = nn.Embedding(codes, config.width)
+        self.null_context = nn.Parameter(torch.zeros(1, 1, context_width))
+        self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
+                                       mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width)
+        self.head = nn.Linear(config.width, codebook_size)
+
+    def new_cache(self) -> list[LayerCache]:
+        return self.transformer.new_cache()
+
+    def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The null context (b, 1, d) and its mask, for dropped conditions."""
+        context = self.null_context.expand(batch, -1, -1)
+        return context, torch.ones(batch, 1, dtype=torch.bool, device=context.device)
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, *, causal: bool,
+                cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """Logits (b, t, codebook_size) for input tokens (b, t) (codes, [MASK] or [BOS])."""
+        offset = cache[0].self_attention.length if cache else 0
+        x = self.embed(tokens) + self.positions(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
+        self_mask = None
+        if causal:
+            self_mask = attention_mask(None, tokens.shape[1], causal=True, offset=offset,
+                                       keys=offset + tokens.shape[1], device=tokens.device)
+        x = self.transformer(x, mask=self_mask, context=context, context_mask=context_mask[:, None, None, :],
+                             cache=cache)
+        return self.head(x)

@@ -1,0 +1,166 @@
+"""Single-modal encoders. Each returns a dict with
+
+- ``tokens`` (b, n, d_cross): token embeddings projected to the cross-modal width,
+- ``mask`` (b, n): True on real tokens,
+- ``pooled`` (b, d_encoder): one vector per sample, for the two-tower heads.
+
+Vision: a timm ``VisionTransformer`` built from config (never downloaded;
+optional local weights). Text: a transformers ``BertModel`` built from a
+``BertConfig`` (or a local ``from_pretrained`` directory). Audio: a
+convolutional front end (log-mel + strided convs, or torchaudio's wav2vec 2.0
+feature extractor on raw waveforms) followed by transformer blocks.
+
+Each encoder also accepts a mask of positions to hide behind a learned
+``[MASK]`` embedding (image patches, audio frames) for the token-level tasks;
+text is masked at the id level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchaudio
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from opt.config import AudioEncoderConfig, TextEncoderConfig, VisionConfig
+from opt.errors import UserError
+from opt.model.layers import Transformer, attention_mask
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise UserError(f"pretrained weights not found: {path}")
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class VisionEncoder(nn.Module):
+    """Images (b, 3, H, W) in [0, 1] -> patch tokens (b, (H/p) * (W/p), d)."""
+
+    def __init__(self, config: VisionConfig, *, image_size: int, out_width: int, mlp_ratio: int = 4,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.vit = VisionTransformer(
+            img_size=image_size, patch_size=config.patch_size, embed_dim=config.width, depth=config.layers,
+            num_heads=config.heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool="", class_token=False,
+            drop_rate=dropout, proj_drop_rate=dropout, attn_drop_rate=dropout,
+        )
+        if config.pretrained_path:
+            self.vit.load_state_dict(_load_state_dict(config.pretrained_path), strict=False)
+        self.mask_embedding = nn.Parameter(torch.zeros(config.width))
+        self.project = nn.Linear(config.width, out_width)
+        self.patches = (image_size // config.patch_size) ** 2
+
+    def forward(self, pixels: torch.Tensor, *, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``hidden`` (b, n) True marks patches replaced by the mask embedding."""
+        x = self.vit.patch_embed((pixels - 0.5) / 0.5)  # (b, n, w)
+        if hidden is not None:
+            x = torch.where(hidden[..., None], self.mask_embedding.to(x.dtype), x)
+        x = self.vit.norm(self.vit.blocks(self.vit.norm_pre(self.vit._pos_embed(x))))
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return {"tokens": self.project(x), "mask": mask, "pooled": x.mean(dim=1)}
+
+
+class TextEncoder(nn.Module):
+    """Token ids (b, t) -> token states (b, t, d); pooled = the state at the bos position."""
+
+    def __init__(self, config: TextEncoderConfig, *, vocab_size: int, pad_id: int, max_positions: int,
+                 out_width: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        if config.pretrained_dir:
+            if not Path(config.pretrained_dir).is_dir():
+                raise UserError(f"pretrained text encoder directory not found: {config.pretrained_dir}")
+            self.bert = BertModel.from_pretrained(config.pretrained_dir, add_pooling_layer=False,
+                                                  attn_implementation="sdpa", local_files_only=True)
+        else:
+            bert_config = BertConfig(
+                vocab_size=vocab_size, hidden_size=config.width, num_hidden_layers=config.layers,
+                num_attention_heads=config.heads, intermediate_size=mlp_ratio * config.width,
+                max_position_embeddings=max_positions, type_vocab_size=1, pad_token_id=pad_id,
+                attn_implementation="sdpa",
+                hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+            )
+            self.bert = BertModel(bert_config, add_pooling_layer=False)
+        self.project = nn.Linear(self.bert.config.hidden_size, out_width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        states = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (b, t, w)
+        return {"tokens": self.project(states), "mask": mask, "pooled": states[:, 0]}
+
+
+class LogMelConvFront(nn.Module):
+    """Log-mel frames (b, f, n_mels) -> (b, f / subsample, w) with strided 1-D convolutions."""
+
+    def __init__(self, *, n_mels: int, width: int, subsample: int) -> None:
+        super().__init__()
+        stages = subsample.bit_length() - 1
+        layers: list[nn.Module] = []
+        channels = n_mels
+        for _ in range(stages):
+            layers += [nn.Conv1d(channels, width, kernel_size=3, stride=2, padding=1), nn.GELU()]
+            channels = width
+        self.convs = nn.Sequential(*layers)
+        self.stages = stages
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.convs(features.transpose(1, 2)).transpose(1, 2)
+        lengths = mask.sum(1)
+        for _ in range(self.stages):
+            lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
+        return x, torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+
+
+class Wav2Vec2ConvFront(nn.Module):
+    """Raw 16 kHz waveform (b, n) -> (b, n / 320, w) with torchaudio's wav2vec 2.0 feature extractor."""
+
+    def __init__(self, *, width: int) -> None:
+        super().__init__()
+        layers = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+        self.extractor = torchaudio.models.wav2vec2_model(
+            extractor_mode="group_norm", extractor_conv_layer_config=layers, extractor_conv_bias=False,
+            encoder_embed_dim=width, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=3,
+            encoder_pos_conv_groups=1, encoder_num_layers=0, encoder_num_heads=1, encoder_attention_dropout=0.0,
+            encoder_ff_interm_features=width, encoder_ff_interm_dropout=0.0, encoder_dropout=0.0,
+            encoder_layer_norm_first=True, encoder_layer_drop=0.0, aux_num_out=None,
+        ).feature_extractor
+        self.project = nn.Linear(512, width)
+
+    def forward(self, waveform: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lengths = self.extractor(waveform, mask.sum(1))
+        return self.project(x), torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+
+
+class AudioEncoder(nn.Module):
+    """Audio features -> frame tokens. ``frames`` in the output are the front end's
+    outputs before the transformer (the targets of masked audio modelling)."""
+
+    def __init__(self, config: AudioEncoderConfig, *, n_mels: int, max_positions: int, out_width: int,
+                 mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        if config.front == "logmel_conv":
+            self.front = LogMelConvFront(n_mels=n_mels, width=config.width, subsample=config.subsample)
+        else:
+            self.front = Wav2Vec2ConvFront(width=config.width)
+        self.positions = nn.Embedding(max_positions, config.width)
+        self.mask_embedding = nn.Parameter(torch.zeros(config.width))
+        self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
+                                       mlp_ratio=mlp_ratio, dropout=dropout)
+        self.project = nn.Linear(config.width, out_width)
+        self.max_positions = max_positions
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, *,
+                hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``features`` (b, f, n_mels) or a waveform (b, n); ``hidden`` (b, frames) masks frames."""
+        frames, frame_mask = self.front(features, mask)
+        frames, frame_mask = frames[:, : self.max_positions], frame_mask[:, : self.max_positions]
+        x = frames if hidden is None else torch.where(hidden[..., None], self.mask_embedding.to(frames.dtype), frames)
+        x = x + self.positions(torch.arange(x.shape[1], device=x.device))
+        x = self.transformer(x, mask=attention_mask(frame_mask, x.shape[1]))
+        weights = frame_mask[..., None].to(x.dtype)
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return {"tokens": self.project(x), "mask": frame_mask, "pooled": pooled, "frames": frames}

@@ -1,0 +1,167 @@
+"""Transformer building blocks shared by the cross-modal encoder and the decoders.
+
+Shape letters: b batch, t query positions, s key positions, h heads, d width,
+k head width (d / h).
+
+Choices:
+- pre-LN blocks (LayerNorm before attention and MLP), GELU MLP;
+- attention through ``F.scaled_dot_product_attention`` with a boolean mask,
+  True where a query may attend a key; padding is masked on the key side, so
+  padded positions never influence real ones;
+- a per-layer :class:`KVCache` for incremental decoding: self-attention keys
+  and values grow by one step at a time, cross-attention keys and values are
+  computed once from the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer, ``(b, h, s, k)``."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=2)
+            self.values = torch.cat([self.values, values], dim=2)
+        return self.keys, self.values
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` of the batch (beam search)."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys[index], self.values[index]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+
+def attention_mask(key_mask: torch.Tensor | None, queries: int, *, causal: bool = False,
+                   offset: int = 0, keys: int | None = None, device=None) -> torch.Tensor | None:
+    """Boolean ``(b | 1, 1, t, s)`` mask, True where attention is allowed.
+
+    ``key_mask`` (b, s) is True on real keys. ``causal`` lets query i (at
+    absolute position ``offset + i``) see keys 0..offset+i.
+    """
+    mask = None
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :]
+        keys = key_mask.shape[1]
+        device = key_mask.device
+    if causal:
+        query_positions = torch.arange(queries, device=device)[:, None] + offset
+        allowed = torch.arange(keys, device=device)[None, :] <= query_positions
+        allowed = allowed[None, None]
+        mask = allowed if mask is None else mask & allowed
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention when ``context`` is None, else cross-attention."""
+
+    def __init__(self, *, width: int, heads: int, dropout: float = 0.0, context_width: int | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.query = nn.Linear(width, width)
+        self.key_value = nn.Linear(context_width or width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b s (h k) -> b h s k", h=self.heads)
+
+    def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        q = self._split(self.query(x))  # (b, h, t, k)
+        if context is not None and cache is not None and cache.keys is not None:
+            k, v = cache.keys, cache.values  # cross-attention: the context does not change
+        else:
+            k, v = self.key_value(x if context is None else context).chunk(2, dim=-1)
+            k, v = self._split(k), self._split(v)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(rearrange(y, "b h t k -> b t (h k)"))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, *, width: int, ratio: int = 4, dropout: float = 0.0) -> None:
+        super().__init__(nn.Linear(width, ratio * width), nn.GELU(), nn.Linear(ratio * width, width), nn.Dropout(dropout))
+
+
+@dataclass
+class LayerCache:
+    self_attention: KVCache
+    cross_attention: KVCache
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: self-attention, cross-attention to a context of
+    ``context_width`` features when that is given, MLP."""
+
+    def __init__(self, *, width: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
+                 context_width: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = Attention(width=width, heads=heads, dropout=dropout)
+        cross = context_width is not None
+        self.cross_norm = nn.LayerNorm(width) if cross else None
+        self.cross = Attention(width=width, heads=heads, dropout=dropout, context_width=context_width) if cross else None
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = MLP(width=width, ratio=mlp_ratio, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attention(self.norm1(x), mask=mask, cache=cache.self_attention if cache else None))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.cross_norm(x), context=context, mask=context_mask,
+                                         cache=cache.cross_attention if cache else None))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`Block` with a final LayerNorm."""
+
+    def __init__(self, *, layers: int, width: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
+                 context_width: int | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width)
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(width)
+
+    def new_cache(self) -> list[LayerCache]:
+        return [LayerCache(KVCache(), KVCache()) for _ in self.blocks]
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, cache: list[LayerCache] | None = None) -> torch.Tensor:
+        for index, block in enumerate(self.blocks):
+            x = block(x, mask=mask, context=context, context_mask=context_mask,
+                      cache=cache[index] if cache is not None else None)
+        return self.norm(x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated-normal (std 0.02) linear and embedding weights, zero biases, unit norms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

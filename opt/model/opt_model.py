@@ -1,0 +1,165 @@
+"""The OPT model: three single-modal encoders, the cross-modal encoder, the text
+decoder, the image-token decoder, the VQ image tokenizer, two-tower heads and the
+small heads the pretext tasks read.
+
+    model = OPTModel(ModelSpec.from_config(config, tokenizer))
+    unimodal = model.encode_unimodal(batch)                 # per-modality tokens
+    fused = model.fuse(unimodal, ["text", "image"])         # any non-empty subset
+    towers = model.tower_embeddings(unimodal)               # normalised (b, dim) each
+
+The model never computes a loss. Inputs follow the batch layout of
+:mod:`opt.data.pipeline`; ``hide`` arguments carry the masks the tasks build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opt import MODALITIES
+from opt.config import AudioConfig, ModelConfig, config_from_dict
+from opt.model.cross import CrossModalEncoder
+from opt.model.decoders import ImageTokenDecoder, TextDecoder
+from opt.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
+from opt.model.io import load_weights, read_config, save_directory
+from opt.model.layers import init_weights
+from opt.model.vq import VQTokenizer
+
+ITM_CLASSES = 5  # matched, image swapped, audio swapped, image+audio from one other, from two others
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the model: the model config plus the data facts it depends on."""
+
+    model: ModelConfig
+    audio: AudioConfig
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mask_id: int
+    image_size: int
+    max_text_tokens: int
+
+    @classmethod
+    def from_config(cls, config, tokenizer) -> "ModelSpec":
+        return cls(model=config.model, audio=config.audio, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, mask_id=tokenizer.mask_id,
+                   image_size=config.data.image_size, max_text_tokens=config.data.max_text_tokens)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelSpec":
+        return cls(**(values | {"model": config_from_dict(ModelConfig, values["model"]),
+                                "audio": config_from_dict(AudioConfig, values["audio"])}))
+
+    @property
+    def image_codes(self) -> int:
+        return (self.image_size // 8) ** 2
+
+
+class OPTModel(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        config = spec.model
+        width, ratio, dropout = config.cross.width, config.mlp_ratio, config.dropout
+        self.encoders = nn.ModuleDict({
+            "text": TextEncoder(config.text, vocab_size=spec.vocab_size, pad_id=spec.pad_id,
+                                max_positions=max(spec.max_text_tokens, config.cross.max_text_positions),
+                                out_width=width, mlp_ratio=ratio, dropout=dropout),
+            "image": VisionEncoder(config.vision, image_size=spec.image_size, out_width=width, mlp_ratio=ratio,
+                                   dropout=dropout),
+            "audio": AudioEncoder(config.audio, n_mels=spec.audio.n_mels, max_positions=config.cross.max_audio_positions,
+                                  out_width=width, mlp_ratio=ratio, dropout=dropout),
+        })
+        patches = self.encoders["image"].patches
+        self.cross = CrossModalEncoder(config.cross, image_tokens=patches, mlp_ratio=ratio, dropout=dropout)
+        self.text_decoder = TextDecoder(config.text_decoder, vocab_size=spec.vocab_size, context_width=width,
+                                        mlp_ratio=ratio, dropout=dropout)
+        self.image_decoder = ImageTokenDecoder(config.image_decoder, codebook_size=config.vq.codebook_size,
+                                               codes=spec.image_codes, context_width=width, mlp_ratio=ratio,
+                                               dropout=dropout)
+        encoder_widths = {"text": config.text.width, "image": config.vision.width, "audio": config.audio.width}
+        self.towers = nn.ModuleDict({m: nn.Linear(encoder_widths[m], config.towers.dim) for m in MODALITIES})
+        self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.towers.temperature).log())
+        self.heads = nn.ModuleDict({
+            "mlm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
+                                 nn.Linear(width, spec.vocab_size)),
+            "mvm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
+                                 nn.Linear(width, config.vq.codebook_size)),
+            "mam": nn.Linear(width, config.audio.width),
+            "itm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, ITM_CLASSES)),
+        })
+        for name in ("cross", "text_decoder", "image_decoder", "towers", "heads"):
+            getattr(self, name).apply(init_weights)
+        self.encoders["audio"].transformer.apply(init_weights)
+        self.vq = VQTokenizer(config.vq)  # trained separately (opt vq train), frozen here, always fp32
+        self.vq.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "OPTModel":
+        super().train(mode)
+        self.vq.eval()  # the codebook never updates during pretraining
+        return self
+
+    # -- encoding -------------------------------------------------------------------------------
+
+    def encode_unimodal(self, batch: dict, *, modalities=MODALITIES, text_ids: torch.Tensor | None = None,
+                        hide_patches: torch.Tensor | None = None,
+                        hide_frames: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Run the single-modal encoders on the modalities present in ``batch``.
+
+        ``text_ids`` replaces the batch's ids (masked language modelling);
+        ``hide_patches`` (b, n) and ``hide_frames`` (b, frames) hide image
+        patches and audio frames behind mask embeddings.
+        """
+        out = {}
+        if "text" in modalities and "text" in batch:
+            ids = batch["text"]["ids"] if text_ids is None else text_ids
+            out["text"] = self.encoders["text"](ids, batch["text"]["mask"])
+        if "image" in modalities and "image" in batch:
+            out["image"] = self.encoders["image"](batch["image"]["pixels"], hidden=hide_patches)
+        if "audio" in modalities and "audio" in batch:
+            audio = batch["audio"]
+            features = audio["features"] if "features" in audio else audio["waveform"]
+            out["audio"] = self.encoders["audio"](features, audio["mask"], hidden=hide_frames)
+        for modality, result in out.items():  # a modality absent from a sample contributes no tokens
+            present = batch[modality]["present"].to(result["mask"].device)
+            result["mask"] = result["mask"] & present[:, None]
+        return out
+
+    def fuse(self, unimodal: dict[str, dict[str, torch.Tensor]], modalities=MODALITIES) -> dict:
+        """Cross-modal encoding of the given subset of modalities."""
+        return self.cross({m: unimodal[m] for m in MODALITIES if m in modalities and m in unimodal})
+
+    def tower_embeddings(self, unimodal: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """L2-normalised two-tower embeddings (b, dim) per modality."""
+        return {m: F.normalize(self.towers[m](out["pooled"]), dim=-1) for m, out in unimodal.items()}
+
+    @torch.no_grad()
+    def image_codes(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VQ codes (b, n) of images in [0, 1]."""
+        return self.vq.encode(pixels)
+
+    # -- save / load -------------------------------------------------------------------------------
+
+    def save_pretrained(self, out: str | Path, *, tokenizer_model: bytes | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.model``) atomically."""
+        extra = {"tokenizer.model": tokenizer_model} if tokenizer_model is not None else None
+        return save_directory(self, {"kind": "opt_model", "spec": self.spec.to_dict()}, out, extra_files=extra)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "OPTModel":
+        """Load a directory written by :meth:`save_pretrained` (safetensors; nothing is unpickled)."""
+        spec = ModelSpec.from_dict(read_config(directory)["spec"])
+        model = cls(spec)
+        load_weights(model, directory)
+        return model.eval()

@@ -1,0 +1,141 @@
+"""VQ image tokenizer: a convolutional VQ-VAE mapping images to a grid of codes and back.
+
+Choices:
+- x8 downsampling in three stride-2 stages (64 px -> 8 x 8 = 64 codes, as in OPT),
+  channels x1, x2, x4, x4 of ``channels`` from full to 1/8 resolution;
+- the quantizer is ``vector_quantize_pytorch.VectorQuantize``: EMA codebook
+  updates, k-means initialisation from the first batch, and restarts of dead
+  codes (EMA usage below a threshold) from the current batch. It is a
+  well-kept implementation of exactly these techniques, and it syncs the
+  codebook across processes under ``torch.distributed``;
+- always fp32: every forward runs with autocast disabled, also inside a
+  mixed-precision training run, because codebook distances and EMA statistics
+  are fragile in half precision.
+
+Pixels are floats in [0, 1] at the interface; internally [-1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vector_quantize_pytorch import VectorQuantize
+
+from opt.config import VQConfig
+from opt.model.io import load_weights, read_config, save_directory
+
+DOWNSAMPLE = 8
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+CHANNEL_MULTIPLIERS = (1, 2, 4, 4)  # channels at full, 1/2, 1/4 and 1/8 resolution
+
+
+def _encoder(config: VQConfig) -> nn.Sequential:
+    widths = [config.channels * m for m in CHANNEL_MULTIPLIERS]
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+    for stage in range(3):
+        layers += [ResidualBlock(widths[stage]) for _ in range(config.res_blocks)]
+        layers.append(nn.Conv2d(widths[stage], widths[stage + 1], 4, stride=2, padding=1))
+    layers += [ResidualBlock(widths[3]), nn.GroupNorm(8, widths[3]), nn.SiLU(), nn.Conv2d(widths[3], config.code_dim, 1)]
+    return nn.Sequential(*layers)
+
+
+def _decoder(config: VQConfig) -> nn.Sequential:
+    widths = [config.channels * m for m in CHANNEL_MULTIPLIERS]
+    layers: list[nn.Module] = [nn.Conv2d(config.code_dim, widths[3], 3, padding=1), ResidualBlock(widths[3])]
+    for stage in (3, 2, 1):
+        layers += [ResidualBlock(widths[stage]) for _ in range(config.res_blocks)]
+        layers.append(nn.ConvTranspose2d(widths[stage], widths[stage - 1], 4, stride=2, padding=1))
+    layers += [nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1)]
+    return nn.Sequential(*layers)
+
+
+class VQTokenizer(nn.Module):
+    """Images (b, 3, H, W) in [0, 1] <-> codes (b, (H/8) * (W/8)) in [0, codebook_size)."""
+
+    def __init__(self, config: VQConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = _encoder(config)
+        self.quantizer = VectorQuantize(
+            dim=config.code_dim, codebook_size=config.codebook_size, decay=config.decay,
+            commitment_weight=config.commitment_weight, kmeans_init=True,
+            threshold_ema_dead_code=config.dead_code_threshold, accept_image_fmap=True,
+        )
+        self.decoder = _decoder(config)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reconstruct: ``{"reconstruction" (b, 3, H, W) in [0, 1] (unclamped), "codes" (b, n), "commit_loss"}``."""
+        with torch.autocast(pixels.device.type, enabled=False):
+            latent = self.encoder(pixels.float() * 2 - 1)
+            quantized, codes, commit_loss = self.quantizer(latent)
+            reconstruction = (self.decoder(quantized) + 1) / 2
+        return {"reconstruction": reconstruction, "codes": codes.flatten(1), "commit_loss": commit_loss}
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Codes ``(b, n)`` of images in [0, 1]; never updates the codebook."""
+        training = self.quantizer.training
+        self.quantizer.eval()
+        with torch.autocast(pixels.device.type, enabled=False):
+            _, codes, _ = self.quantizer(self.encoder(pixels.float() * 2 - 1))
+        self.quantizer.train(training)
+        return codes.flatten(1)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Images ``(b, 3, H, W)`` in [0, 1] from codes ``(b, n)`` on a square grid."""
+        side = int(round(codes.shape[1] ** 0.5))
+        with torch.autocast(codes.device.type, enabled=False):
+            quantized = self.quantizer.get_output_from_indices(codes.reshape(-1, side, side))
+            return ((self.decoder(quantized.float()) + 1) / 2).clamp(0, 1)
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in [0, 1] pixel units."""
+    return F.mse_loss(reconstruction, pixels)
+
+
+def psnr(reconstruction: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB, per image ``(b,)``, for images in [0, 1]."""
+    mse = ((reconstruction.clamp(0, 1) - pixels) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def codebook_usage(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Perplexity of the code distribution and the fraction of codes used."""
+    counts = torch.bincount(codes.flatten(), minlength=codebook_size).float()
+    probabilities = counts / counts.sum()
+    entropy = -(probabilities[probabilities > 0] * probabilities[probabilities > 0].log()).sum()
+    return {"perplexity": float(entropy.exp()), "used_fraction": float((counts > 0).float().mean())}
+
+
+def save_vq(model: VQTokenizer, out) -> None:
+    """Write a VQ tokenizer directory (``config.json`` + ``model.safetensors``)."""
+    save_directory(model, {"kind": "vq_tokenizer", "vq": asdict(model.config)}, out)
+
+
+def load_vq(directory) -> VQTokenizer:
+    """Load a directory written by :func:`save_vq`."""
+    model = VQTokenizer(VQConfig(**read_config(directory)["vq"]))
+    load_weights(model, directory)
+    return model.eval()

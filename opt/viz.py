@@ -1,0 +1,37 @@
+"""Pictures people look at: image grids with titles, written atomically as PNG."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def save_image_grid(images: list[torch.Tensor], out: str | Path, *, titles: list[str] | None = None,
+                    columns: int = 8, row_labels: list[str] | None = None) -> Path:
+    """Write ``images`` ((3, H, W) in [0, 1]) as a grid PNG with optional titles."""
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.7, rows * (1.9 if titles else 1.7)),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for index, (axis, image) in enumerate(zip(axes.flat, images)):
+        axis.imshow(image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        if titles:
+            axis.set_title("\n".join(textwrap.wrap(titles[index], 22)[:4]), fontsize=6)
+    for row, label in enumerate(row_labels or []):
+        axes[row, 0].text(-0.1, 0.5, label, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    os.replace(tmp, out)
+    return out
