@@ -94,29 +94,39 @@ class TextEncoder(nn.Module):
 
 
 class LogMelConvFront(nn.Module):
-    """Log-mel frames (b, f, n_mels) -> (b, f / subsample, w) with strided 1-D convolutions."""
+    """Log-mel frames (b, f, n_mels) -> (b, f / subsample, w) with strided 1-D convolutions.
+
+    Padded frames are zeroed after every stage, so a sample's output does not
+    depend on how much padding its batch adds.
+    """
 
     def __init__(self, *, n_mels: int, width: int, subsample: int) -> None:
         super().__init__()
         stages = subsample.bit_length() - 1
-        layers: list[nn.Module] = []
-        channels = n_mels
-        for _ in range(stages):
-            layers += [nn.Conv1d(channels, width, kernel_size=3, stride=2, padding=1), nn.GELU()]
-            channels = width
-        self.convs = nn.Sequential(*layers)
-        self.stages = stages
+        self.convs = nn.ModuleList(
+            nn.Conv1d(n_mels if stage == 0 else width, width, kernel_size=3, stride=2, padding=1)
+            for stage in range(stages)
+        )
+        self.activation = nn.GELU()
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.convs(features.transpose(1, 2)).transpose(1, 2)
+        x = features.transpose(1, 2) * mask[:, None, :].to(features.dtype)  # (b, n_mels, f)
         lengths = mask.sum(1)
-        for _ in range(self.stages):
-            lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
-        return x, torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        for conv in self.convs:
+            x = self.activation(conv(x))
+            lengths = torch.div(lengths + 1, 2, rounding_mode="floor")  # ceil(length / 2)
+            mask = torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None]
+            x = x * mask[:, None, :].to(x.dtype)
+        return x.transpose(1, 2), mask
 
 
 class Wav2Vec2ConvFront(nn.Module):
-    """Raw 16 kHz waveform (b, n) -> (b, n / 320, w) with torchaudio's wav2vec 2.0 feature extractor."""
+    """Raw 16 kHz waveform (b, n) -> (b, n / 320, w) with torchaudio's wav2vec 2.0 feature extractor.
+
+    Its first layer's group norm spans the whole time axis, padding included
+    (as in wav2vec 2.0), so unlike the log-mel front its output depends a
+    little on the batch's padding.
+    """
 
     def __init__(self, *, width: int) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ from opt.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
 from opt.model.io import load_weights, read_config, save_directory
 from opt.model.layers import init_weights
 from opt.model.vq import VQTokenizer
+from opt.text.tokenizer import SPECIAL_IDS
 
 ITM_CLASSES = 5  # matched, image swapped, audio swapped, image+audio from one other, from two others
 
@@ -48,10 +49,17 @@ class ModelSpec:
     max_text_tokens: int
 
     @classmethod
-    def from_config(cls, config, tokenizer) -> "ModelSpec":
-        return cls(model=config.model, audio=config.audio, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, mask_id=tokenizer.mask_id,
-                   image_size=config.data.image_size, max_text_tokens=config.data.max_text_tokens)
+    def from_config(cls, config, tokenizer=None) -> "ModelSpec":
+        """The spec of ``config`` with ``tokenizer``'s ids; without a tokenizer the
+        configured vocabulary size and the fixed special ids are used (summaries, benchmarks)."""
+        if tokenizer is None:
+            ids = {"vocab_size": config.tokenizer.vocab_size, "pad_id": SPECIAL_IDS["pad"],
+                   "bos_id": SPECIAL_IDS["bos"], "eos_id": SPECIAL_IDS["eos"], "mask_id": SPECIAL_IDS["mask"]}
+        else:
+            ids = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id,
+                   "eos_id": tokenizer.eos_id, "mask_id": tokenizer.mask_id}
+        return cls(model=config.model, audio=config.audio, image_size=config.data.image_size,
+                   max_text_tokens=config.data.max_text_tokens, **ids)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,6 +112,7 @@ class OPTModel(nn.Module):
         self.encoders["audio"].transformer.apply(init_weights)
         self.vq = VQTokenizer(config.vq)  # trained separately (opt vq train), frozen here, always fp32
         self.vq.requires_grad_(False)
+        self.vq.skip_kmeans_init()
 
     def train(self, mode: bool = True) -> "OPTModel":
         super().train(mode)

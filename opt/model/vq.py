@@ -79,6 +79,12 @@ class VQTokenizer(nn.Module):
         )
         self.decoder = _decoder(config)
 
+    def skip_kmeans_init(self) -> None:
+        """Mark the codebook as initialised, so an untrained tokenizer used inside a larger
+        model never re-initialises it from a batch (weights loaded later replace it anyway).
+        ``initted`` is the quantizer's own buffer for this."""
+        self.quantizer._codebook.initted.fill_(True)
+
     @property
     def codebook_size(self) -> int:
         return self.config.codebook_size

@@ -20,6 +20,7 @@ from opt.errors import UserError
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MASK, CLS, SEP = "[MASK]", "[CLS]", "[SEP]"
 USER_SYMBOLS = (MASK, CLS, SEP)
+SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4, "cls": 5, "sep": 6}
 
 
 class TextTokenizer:
@@ -118,7 +119,7 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, *, vocab_size: int = 
         byte_fallback=True,
         hard_vocab_limit=False,
         character_coverage=1.0,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        pad_id=SPECIAL_IDS["pad"], unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"],
         pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
         user_defined_symbols=list(USER_SYMBOLS),
         max_sentence_length=16384,

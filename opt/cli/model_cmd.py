@@ -1,0 +1,52 @@
+"""``opt vq train`` and ``opt model summary``."""
+
+from __future__ import annotations
+
+import argparse
+
+from opt.cli.common import DATA_HELP, add_config_arguments, config_from_args
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    vq = commands.add_parser("vq", help="the VQ image tokenizer")
+    vq_sub = vq.add_subparsers(dest="vq_command", metavar="ACTION", parser_class=type(vq))
+    vq_sub.required = True
+    train = vq_sub.add_parser("train", help="train the VQ image tokenizer on shard images")
+    train.add_argument("--data", required=True, help=DATA_HELP)
+    train.add_argument("--val", help="validation shards for PSNR and codebook usage (default: a few training batches)")
+    train.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, PNG, metrics)")
+    add_config_arguments(train)
+    train.set_defaults(run=run_vq_train)
+
+    model = commands.add_parser("model", help="inspect the model")
+    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", parser_class=type(model))
+    model_sub.required = True
+    summary = model_sub.add_parser("summary", help="parameters per part and FLOPs per sample of a training step")
+    add_config_arguments(summary)
+    summary.set_defaults(run=run_summary)
+
+
+def run_vq_train(args: argparse.Namespace) -> None:
+    from opt.engine.vq import train_vq
+
+    metrics = train_vq(config_from_args(args), args.data, args.out, val=args.val)
+    print(f"vq: val PSNR {metrics['psnr']:.2f} dB over {metrics['images']} images; codebook perplexity "
+          f"{metrics['perplexity']:.1f}, {100 * metrics['used_fraction']:.1f}% of {metrics['codebook_size']} codes "
+          f"used -> {args.out} (reconstructions.png, metrics.json)")
+
+
+def run_summary(args: argparse.Namespace) -> None:
+    from opt.model.opt_model import ModelSpec, OPTModel
+    from opt.model.summary import parameter_counts, training_step_flops
+
+    config = config_from_args(args)
+    model = OPTModel(ModelSpec.from_config(config))
+    counts = parameter_counts(model)
+    width = max(map(len, counts))
+    for name, count in counts.items():
+        print(f"{name:<{width}}  {count / 1e6:10.2f} M")
+    spec = model.spec
+    print(f"image codes per image: {spec.image_codes} (codebook {spec.model.vq.codebook_size}); "
+          f"text <= {spec.max_text_tokens} tokens; audio <= {spec.audio.max_seconds:g} s")
+    print(f"training step (forward + backward, all modalities, both decoders): "
+          f"{training_step_flops(model) / 1e9:.2f} GFLOP per sample")

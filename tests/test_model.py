@@ -1,0 +1,218 @@
+"""The OPT model: shapes for every modality subset, padding invariance, KV cache,
+decoding, image generation, save/load and seeding."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from opt.config import load_config
+from opt.data.pipeline import BatchLoader
+from opt.model.generation import (beam_search, filter_logits, generate_image_codes_autoregressive,
+                                  generate_image_codes_parallel, generate_text)
+from opt.model.opt_model import OPTModel, ModelSpec
+from opt.model.summary import dummy_batch, parameter_counts, training_step_flops
+
+SMALL = ["model.cross.width=64", "model.cross.layers=1", "model.vision.width=64", "model.vision.layers=1",
+         "model.text.width=64", "model.text.layers=1", "model.audio.width=64", "model.audio.layers=1",
+         "model.text_decoder.width=64", "model.text_decoder.layers=2", "model.image_decoder.width=64",
+         "model.image_decoder.layers=1", "model.towers.dim=32", "model.vq.codebook_size=64", "model.vq.channels=16",
+         "model.vq.res_blocks=0", "data.batch_size=6", "data.workers=0"]
+
+
+def small_model(tokenizer, *overrides, seed=0):
+    config = load_config("configs/tiny.yaml", SMALL + list(overrides))
+    torch.manual_seed(seed)
+    return OPTModel(ModelSpec.from_config(config, tokenizer)).eval(), config
+
+
+@pytest.fixture(scope="module")
+def model_and_batch(world, tokenizer):
+    model, config = small_model(tokenizer)
+    batch = next(iter(BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=False)))
+    return model, batch
+
+
+SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(("text", "image", "audio"), r)]
+
+
+@pytest.mark.parametrize("subset", SUBSETS, ids="+".join)
+def test_every_modality_subset_fuses_with_the_right_shapes(model_and_batch, subset):
+    model, batch = model_and_batch
+    with torch.no_grad():
+        unimodal = model.encode_unimodal(batch, modalities=subset)
+        fused = model.fuse(unimodal, subset)
+    b = len(batch["keys"])
+    lengths = {m: unimodal[m]["tokens"].shape[1] for m in subset}
+    assert fused["states"].shape == (b, 1 + sum(lengths.values()), 64)
+    assert fused["cls"].shape == (b, 64) and fused["mask"].shape == fused["states"].shape[:2]
+    assert list(fused["spans"]) == list(subset)
+    assert all(end - start == lengths[m] for m, (start, end) in fused["spans"].items())
+    assert lengths.get("image", 64) == 64
+    assert torch.isfinite(fused["states"]).all()
+    towers = model.tower_embeddings(unimodal)
+    assert all(t.shape == (b, 32) and torch.allclose(t.norm(dim=-1), torch.ones(b)) for t in towers.values())
+
+
+def _pad(batch, text_extra, frame_extra):
+    padded = {k: (dict(v) if isinstance(v, dict) else v) for k, v in batch.items()}
+    ids, mask = batch["text"]["ids"], batch["text"]["mask"]
+    padded["text"]["ids"] = torch.cat([ids, torch.zeros(ids.shape[0], text_extra, dtype=ids.dtype)], 1)
+    padded["text"]["mask"] = torch.cat([mask, torch.zeros(ids.shape[0], text_extra, dtype=torch.bool)], 1)
+    features, frames = batch["audio"]["features"], batch["audio"]["mask"]
+    padded["audio"]["features"] = torch.cat([features, torch.randn(features.shape[0], frame_extra, features.shape[2])], 1)
+    padded["audio"]["mask"] = torch.cat([frames, torch.zeros(frames.shape[0], frame_extra, dtype=torch.bool)], 1)
+    return padded
+
+
+def test_padding_never_changes_real_positions(model_and_batch):
+    model, batch = model_and_batch
+    with torch.no_grad():
+        reference = model.fuse(model.encode_unimodal(batch))
+        padded = model.fuse(model.encode_unimodal(_pad(batch, text_extra=7, frame_extra=40)))
+    torch.testing.assert_close(padded["cls"], reference["cls"], atol=1e-5, rtol=1e-4)
+    for modality, (start, end) in reference["spans"].items():
+        new_start = padded["spans"][modality][0]
+        keep = reference["mask"][:, start:end]
+        torch.testing.assert_close(padded["states"][:, new_start:new_start + end - start][keep],
+                                   reference["states"][:, start:end][keep], atol=1e-5, rtol=1e-4)
+
+
+def test_absent_modality_in_one_sample_does_not_touch_the_others(model_and_batch):
+    model, batch = model_and_batch
+    changed = {k: (dict(v) if isinstance(v, dict) else v) for k, v in batch.items()}
+    present = batch["audio"]["present"].clone()
+    present[0] = False
+    changed["audio"]["present"] = present
+    with torch.no_grad():
+        reference = model.fuse(model.encode_unimodal(batch))["cls"]
+        result = model.fuse(model.encode_unimodal(changed))["cls"]
+    torch.testing.assert_close(result[1:], reference[1:])
+    assert not torch.allclose(result[0], reference[0])
+
+
+def test_kv_cache_logits_match_full_recompute(model_and_batch):
+    model, batch = model_and_batch
+    with torch.no_grad():
+        fused = model.fuse(model.encode_unimodal(batch))
+        ids = batch["text"]["ids"][:, :12]
+        full = model.text_decoder(ids, fused["states"], fused["mask"])
+        cache = model.text_decoder.new_cache()
+        stepped = torch.cat([model.text_decoder(ids[:, i:i + 1], fused["states"], fused["mask"], cache=cache)
+                             for i in range(ids.shape[1])], dim=1)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-4)
+
+
+def test_cached_and_uncached_greedy_decoding_agree(model_and_batch, tokenizer):
+    model, batch = model_and_batch
+    fused = model.fuse(model.encode_unimodal(batch, modalities=("image",)), ("image",))
+    kwargs = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, max_length=16)
+    cached = generate_text(model.text_decoder, fused["states"], fused["mask"], **kwargs)
+    uncached = generate_text(model.text_decoder, fused["states"], fused["mask"], use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "top_k", "top_p", "beam"])
+def test_decoding_respects_max_length_and_eos(model_and_batch, tokenizer, mode):
+    model, batch = model_and_batch
+    fused = model.fuse(model.encode_unimodal(batch))
+    context = (model.text_decoder, fused["states"], fused["mask"])
+    kwargs = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, max_length=10)
+    generator = torch.Generator().manual_seed(0)
+    if mode == "beam":
+        ids = beam_search(*context, beam_size=3, **kwargs)
+    else:
+        ids = generate_text(*context, sample=mode != "greedy", top_k=5 if mode == "top_k" else 0,
+                            top_p=0.8 if mode == "top_p" else 1.0, generator=generator, **kwargs)
+    assert ids.shape[0] == len(batch["keys"]) and ids.shape[1] <= 10
+    assert (ids[:, 0] == tokenizer.bos_id).all()
+    for row in ids.tolist():
+        if tokenizer.eos_id in row:
+            after = row[row.index(tokenizer.eos_id):]
+            assert set(after) == {tokenizer.eos_id}
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(model_and_batch, tokenizer):
+    model, batch = model_and_batch
+    fused = model.fuse(model.encode_unimodal(batch))
+    kwargs = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, max_length=8)
+    greedy = generate_text(model.text_decoder, fused["states"], fused["mask"], **kwargs)
+    beam = beam_search(model.text_decoder, fused["states"], fused["mask"], beam_size=4, length_penalty=0.0, **kwargs)
+
+    def log_prob(ids):
+        logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).log_softmax(-1)
+        token = logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        alive = torch.ones_like(token, dtype=torch.bool)
+        alive[:, 1:] = ids[:, 1:-1] != tokenizer.eos_id  # nothing after the first eos counts
+        return (token * alive).sum(1)
+
+    with torch.no_grad():
+        assert (log_prob(beam) >= log_prob(greedy) - 1e-4).all()
+
+
+def test_filter_logits_keeps_top_k_and_the_nucleus():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isfinite(filter_logits(logits, top_k=2)).sum() == 2
+    probabilities = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))[0]
+    assert kept.tolist() == [True, True, False, False, False] and probabilities[0] < 0.7
+
+
+@pytest.mark.parametrize("decoding", ["parallel", "autoregressive"])
+def test_image_decoding_returns_valid_codes_and_images(model_and_batch, decoding):
+    model, batch = model_and_batch
+    fused = model.fuse(model.encode_unimodal(batch, modalities=("text",)), ("text",))
+    generator = torch.Generator().manual_seed(0)
+    if decoding == "parallel":
+        codes = generate_image_codes_parallel(model.image_decoder, fused["states"], fused["mask"], steps=6,
+                                              guidance=2.0, generator=generator)
+    else:
+        codes = generate_image_codes_autoregressive(model.image_decoder, fused["states"], fused["mask"],
+                                                    guidance=2.0, generator=generator)
+    assert codes.shape == (len(batch["keys"]), 64) and codes.dtype == torch.long
+    assert codes.min() >= 0 and codes.max() < 64  # no [MASK] or [BOS] left
+    images = model.vq.decode(codes)
+    assert images.shape == (len(batch["keys"]), 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+
+
+def test_save_and_load_give_identical_outputs(model_and_batch, tokenizer, tmp_path):
+    model, batch = model_and_batch
+    model.save_pretrained(tmp_path / "model", tokenizer_model=(tokenizer._proto))
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors",
+                                                                      "tokenizer.model"]
+    loaded = OPTModel.from_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        a = model.fuse(model.encode_unimodal(batch))
+        b = loaded.fuse(loaded.encode_unimodal(batch))
+        torch.testing.assert_close(b["states"], a["states"], atol=0, rtol=0)
+        codes = torch.randint(0, 64, (2, 64))
+        torch.testing.assert_close(loaded.vq.decode(codes), model.vq.decode(codes), atol=0, rtol=0)
+    assert loaded.spec == model.spec
+
+
+def test_same_seed_same_model_other_seed_other_model(tokenizer):
+    a, _ = small_model(tokenizer, seed=1)
+    b, _ = small_model(tokenizer, seed=1)
+    c, _ = small_model(tokenizer, seed=2)
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_summary_counts_parameters_and_flops(tokenizer):
+    model, _ = small_model(tokenizer)
+    counts = parameter_counts(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["trainable"] == counts["total"] - counts["vq"]
+    flops = training_step_flops(model)
+    assert 1e7 < flops < 1e10
+    assert not model.vq.quantizer.training
+
+
+def test_wav2vec2_front_encodes_raw_waveforms(tokenizer):
+    model, _ = small_model(tokenizer, "model.audio.front=wav2vec2_conv")
+    batch = dummy_batch(model, 2)
+    out = model.encode_unimodal(batch, modalities=("audio",))["audio"]
+    assert out["tokens"].shape[1] == out["mask"].shape[1] == min(6 * 16000 // 320 - 1, 256)
