@@ -140,6 +140,7 @@ class VQTrainConfig:
     steps: int = 2000  # optimizer steps of `opt vq train`
     batch_size: int = 64  # images per step
     lr: float = 1e-3  # Adam learning rate (cosine decay)
+    foreground_weight: float = 0.0  # > 0 weights pixels far from the image median more (see vq.reconstruction_loss)
 
 
 @dataclass

@@ -64,7 +64,8 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
     for step in range(settings.steps):
         pixels = next(batches)["image"]["pixels"]
         output = model(pixels)
-        loss = reconstruction_loss(output["reconstruction"], pixels) + output["commit_loss"]
+        loss = reconstruction_loss(output["reconstruction"], pixels, foreground_weight=settings.foreground_weight)
+        loss = loss + output["commit_loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

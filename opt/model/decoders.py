@@ -63,8 +63,9 @@ class ImageTokenDecoder(nn.Module):
                                        mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width)
         self.head = nn.Linear(config.width, codebook_size)
 
-    def new_cache(self) -> list[LayerCache]:
-        return self.transformer.new_cache()
+    def new_cache(self, *, self_attention: bool = True) -> list[LayerCache]:
+        """Per-layer caches; ``self_attention=False`` keeps only the context's keys and values."""
+        return self.transformer.new_cache(self_attention=self_attention)
 
     def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The null context (b, 1, d) and its mask, for dropped conditions."""
@@ -74,7 +75,7 @@ class ImageTokenDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, *, causal: bool,
                 cache: list[LayerCache] | None = None) -> torch.Tensor:
         """Logits (b, t, codebook_size) for input tokens (b, t) (codes, [MASK] or [BOS])."""
-        offset = cache[0].self_attention.length if cache else 0
+        offset = cache[0].self_attention.length if cache and cache[0].self_attention else 0
         x = self.embed(tokens) + self.positions(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
         self_mask = None
         if causal:

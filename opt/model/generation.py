@@ -153,9 +153,10 @@ def generate_image_codes_parallel(decoder: ImageTokenDecoder, context: torch.Ten
     schedule, so all codes are fixed after ``steps`` steps. Returns codes (b, n)."""
     batch, n, device = context.shape[0], decoder.codes, context.device
     tokens = torch.full((batch, n), decoder.mask_id, dtype=torch.long, device=device)
+    cache = decoder.new_cache(self_attention=False)  # the context's keys and values, computed once
     for step in range(steps):
         masked = tokens == decoder.mask_id
-        logits = _guided_logits(decoder, tokens, context, context_mask, causal=False, guidance=guidance)
+        logits = _guided_logits(decoder, tokens, context, context_mask, causal=False, guidance=guidance, cache=cache)
         probabilities = (logits / max(temperature, 1e-5)).softmax(-1)
         sampled = torch.multinomial(probabilities.reshape(-1, probabilities.shape[-1]), 1,
                                     generator=generator).reshape(batch, n)

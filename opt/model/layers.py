@@ -104,7 +104,10 @@ class MLP(nn.Sequential):
 
 @dataclass
 class LayerCache:
-    self_attention: KVCache
+    """Caches of one block. ``self_attention=None`` caches only the cross-attention
+    keys and values (parallel decoding, where every step sees all positions)."""
+
+    self_attention: KVCache | None
     cross_attention: KVCache
 
 
@@ -145,8 +148,8 @@ class Transformer(nn.Module):
         )
         self.norm = nn.LayerNorm(width)
 
-    def new_cache(self) -> list[LayerCache]:
-        return [LayerCache(KVCache(), KVCache()) for _ in self.blocks]
+    def new_cache(self, *, self_attention: bool = True) -> list[LayerCache]:
+        return [LayerCache(KVCache() if self_attention else None, KVCache()) for _ in self.blocks]
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, cache: list[LayerCache] | None = None) -> torch.Tensor:
