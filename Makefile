@@ -11,7 +11,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 WORLD := data/world
 DEMO_RUN := runs/demo
 
-.PHONY: demo test install bench-data clean-demo
+.PHONY: demo test install bench-data bench-model clean-demo
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ test: $(STAMP)
 
 bench-data: $(STAMP)
 	$(BIN)/python scripts/bench_data.py
+
+bench-model: $(STAMP)
+	$(BIN)/python scripts/bench_model.py
 
 clean-demo:
 	rm -rf $(WORLD) data/tokenizer.model $(DEMO_RUN)

@@ -143,6 +143,24 @@ class VQTrainConfig:
     foreground_weight: float = 0.0  # > 0 weights pixels far from the image median more (see vq.reconstruction_loss)
 
 
+TASK_NAMES = ("mlm", "mvm", "mam", "td", "id", "itm", "contrastive")
+
+
+@dataclass
+class TasksConfig:
+    mode: str = "sample"  # sample: one task per step drawn by weight (the paper); sum: weighted sum of all
+    weights: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in TASK_NAMES})  # 0 disables
+    modality_drop: float = 0.3  # token tasks: probability of hiding one or two other modalities entirely
+    mlm_rate: float = 0.15  # text tokens selected (80% [MASK], 10% random, 10% kept)
+    mvm_rate: float = 0.15  # image patches hidden; targets are their VQ codes
+    mam_rate: float = 0.15  # audio frames hidden; the true frame is found among in-batch negatives
+    mam_temperature: float = 0.1  # InfoNCE temperature of masked audio modelling
+    condition_dropout: float = 0.1  # image decoding: conditions replaced by the null context (guidance)
+    queue_size: int = 1024  # contrastive: momentum embeddings kept per modality as extra negatives
+    momentum: float = 0.995  # contrastive: EMA decay of the momentum encoders
+    distillation: float = 0.0  # contrastive: weight of the momentum encoders' soft targets (0 = off)
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0  # seeds model initialisation, masking and data order
@@ -161,6 +179,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     vq_train: VQTrainConfig = field(default_factory=VQTrainConfig)
 
 
@@ -217,6 +236,13 @@ def _validate(config: Config) -> None:
         part = getattr(config.model, name)
         if part.width % part.heads:
             raise ConfigError(f"config key 'model.{name}.width': {part.width} is not divisible by {part.heads} heads")
+    unknown_tasks = sorted(set(config.tasks.weights) - set(TASK_NAMES))
+    if unknown_tasks:
+        raise ConfigError(f"config key 'tasks.weights.{unknown_tasks[0]}': unknown task (tasks: {', '.join(TASK_NAMES)})")
+    if config.tasks.mode not in ("sample", "sum"):
+        raise ConfigError(f"config key 'tasks.mode': {config.tasks.mode!r} is not sample or sum")
+    if sum(config.tasks.weights.values()) <= 0 or min(config.tasks.weights.values()) < 0:
+        raise ConfigError("config key 'tasks.weights': weights must be >= 0 with at least one positive")
     if config.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"config key 'train.precision': {config.train.precision!r} is not fp32, bf16 or fp16")
     for name, value in (("data.batch_size", config.data.batch_size), ("data.image_size", config.data.image_size),

@@ -173,7 +173,7 @@ def test_image_decoding_returns_valid_codes_and_images(model_and_batch, decoding
                                                     guidance=2.0, generator=generator)
     assert codes.shape == (len(batch["keys"]), 64) and codes.dtype == torch.long
     assert codes.min() >= 0 and codes.max() < 64  # no [MASK] or [BOS] left
-    images = model.vq.decode(codes)
+    images = model.decode_image_codes(codes)
     assert images.shape == (len(batch["keys"]), 3, 64, 64) and 0 <= images.min() and images.max() <= 1
 
 
@@ -181,14 +181,14 @@ def test_save_and_load_give_identical_outputs(model_and_batch, tokenizer, tmp_pa
     model, batch = model_and_batch
     model.save_pretrained(tmp_path / "model", tokenizer_model=(tokenizer._proto))
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors",
-                                                                      "tokenizer.model"]
+                                                                      "tokenizer.model", "vq"]
     loaded = OPTModel.from_pretrained(tmp_path / "model")
     with torch.no_grad():
         a = model.fuse(model.encode_unimodal(batch))
         b = loaded.fuse(loaded.encode_unimodal(batch))
         torch.testing.assert_close(b["states"], a["states"], atol=0, rtol=0)
         codes = torch.randint(0, 64, (2, 64))
-        torch.testing.assert_close(loaded.vq.decode(codes), model.vq.decode(codes), atol=0, rtol=0)
+        torch.testing.assert_close(loaded.decode_image_codes(codes), model.decode_image_codes(codes), atol=0, rtol=0)
     assert loaded.spec == model.spec
 
 
@@ -204,8 +204,8 @@ def test_same_seed_same_model_other_seed_other_model(tokenizer):
 def test_summary_counts_parameters_and_flops(tokenizer):
     model, _ = small_model(tokenizer)
     counts = parameter_counts(model)
-    assert counts["total"] == sum(p.numel() for p in model.parameters())
-    assert counts["trainable"] == counts["total"] - counts["vq"]
+    assert counts["total"] == sum(p.numel() for p in model.parameters()) + counts["vq (frozen)"]
+    assert counts["trainable"] == counts["total"] - counts["vq (frozen)"]
     flops = training_step_flops(model)
     assert 1e7 < flops < 1e10
     assert not model.vq.quantizer.training

@@ -163,6 +163,11 @@ class AudioEncoder(nn.Module):
         self.project = nn.Linear(config.width, out_width)
         self.max_positions = max_positions
 
+    @torch.no_grad()
+    def frame_mask(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Which frames exist after the front end (b, frames), without running the transformer."""
+        return self.front(features, mask)[1][:, : self.max_positions]
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor, *,
                 hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``features`` (b, f, n_mels) or a waveform (b, n); ``hidden`` (b, frames) masks frames."""

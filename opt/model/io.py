@@ -32,6 +32,7 @@ def save_directory(module: nn.Module, config: dict[str, Any], out: str | Path,
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_model(module, str(tmp / WEIGHTS_NAME))
     for name, payload in (extra_files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_bytes(payload)
     if out.exists():
         old = out.with_name(out.name + ".old")

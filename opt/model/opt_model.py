@@ -14,6 +14,7 @@ The model never computes a loss. Inputs follow the batch layout of
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +24,13 @@ from torch import nn
 
 from opt import MODALITIES
 from opt.config import AudioConfig, ModelConfig, config_from_dict
+from opt.errors import UserError
 from opt.model.cross import CrossModalEncoder
 from opt.model.decoders import ImageTokenDecoder, TextDecoder
 from opt.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
 from opt.model.io import load_weights, read_config, save_directory
 from opt.model.layers import init_weights
-from opt.model.vq import VQTokenizer
+from opt.model.vq import VQTokenizer, load_vq, save_vq
 from opt.text.tokenizer import SPECIAL_IDS
 
 ITM_CLASSES = 5  # matched, image swapped, audio swapped, image+audio from one other, from two others
@@ -74,6 +76,11 @@ class ModelSpec:
         return (self.image_size // 8) ** 2
 
 
+def _audio_input(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    audio = batch["audio"]
+    return (audio["features"] if "features" in audio else audio["waveform"]), audio["mask"]
+
+
 class OPTModel(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -110,14 +117,19 @@ class OPTModel(nn.Module):
         for name in ("cross", "text_decoder", "image_decoder", "towers", "heads"):
             getattr(self, name).apply(init_weights)
         self.encoders["audio"].transformer.apply(init_weights)
-        self.vq = VQTokenizer(config.vq)  # trained separately (opt vq train), frozen here, always fp32
-        self.vq.requires_grad_(False)
-        self.vq.skip_kmeans_init()
+        # The VQ tokenizer is trained separately (opt vq train) and frozen here. It is a plain
+        # attribute, not a submodule: optimizers, mixed-precision casts and ZeRO partitioning
+        # never see it, so it stays whole and in fp32. It follows the inputs' device.
+        vq = VQTokenizer(config.vq).requires_grad_(False).eval()
+        vq.skip_kmeans_init()
+        self.__dict__["vq"] = vq
 
-    def train(self, mode: bool = True) -> "OPTModel":
-        super().train(mode)
-        self.vq.eval()  # the codebook never updates during pretraining
-        return self
+    def load_vq(self, directory: str | Path) -> None:
+        """Use a trained VQ tokenizer directory (written by ``opt vq train``)."""
+        vq = load_vq(directory)
+        if vq.config != self.spec.model.vq:
+            raise UserError(f"the VQ tokenizer in {directory} does not match model.vq in the config")
+        self.__dict__["vq"] = vq.requires_grad_(False).eval()
 
     # -- encoding -------------------------------------------------------------------------------
 
@@ -137,13 +149,15 @@ class OPTModel(nn.Module):
         if "image" in modalities and "image" in batch:
             out["image"] = self.encoders["image"](batch["image"]["pixels"], hidden=hide_patches)
         if "audio" in modalities and "audio" in batch:
-            audio = batch["audio"]
-            features = audio["features"] if "features" in audio else audio["waveform"]
-            out["audio"] = self.encoders["audio"](features, audio["mask"], hidden=hide_frames)
+            out["audio"] = self.encoders["audio"](*_audio_input(batch), hidden=hide_frames)
         for modality, result in out.items():  # a modality absent from a sample contributes no tokens
             present = batch[modality]["present"].to(result["mask"].device)
             result["mask"] = result["mask"] & present[:, None]
         return out
+
+    def audio_frames(self, batch: dict) -> torch.Tensor:
+        """(b, frames) True where an audio token will exist (front-end output of present audio)."""
+        return self.encoders["audio"].frame_mask(*_audio_input(batch)) & batch["audio"]["present"][:, None]
 
     def fuse(self, unimodal: dict[str, dict[str, torch.Tensor]], modalities=MODALITIES) -> dict:
         """Cross-modal encoding of the given subset of modalities."""
@@ -156,13 +170,22 @@ class OPTModel(nn.Module):
     @torch.no_grad()
     def image_codes(self, pixels: torch.Tensor) -> torch.Tensor:
         """VQ codes (b, n) of images in [0, 1]."""
-        return self.vq.encode(pixels)
+        return self.vq.to(pixels.device).encode(pixels)
+
+    @torch.no_grad()
+    def decode_image_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Images (b, 3, H, W) in [0, 1] from VQ codes (b, n)."""
+        return self.vq.to(codes.device).decode(codes)
 
     # -- save / load -------------------------------------------------------------------------------
 
     def save_pretrained(self, out: str | Path, *, tokenizer_model: bytes | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.model``) atomically."""
-        extra = {"tokenizer.model": tokenizer_model} if tokenizer_model is not None else None
+        """Write ``config.json``, ``model.safetensors``, ``vq/`` (the VQ tokenizer directory)
+        and ``tokenizer.model`` atomically."""
+        extra = {"tokenizer.model": tokenizer_model} if tokenizer_model is not None else {}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_vq(self.vq, Path(tmp) / "vq")
+            extra |= {f"vq/{p.name}": p.read_bytes() for p in (Path(tmp) / "vq").iterdir()}
         return save_directory(self, {"kind": "opt_model", "spec": self.spec.to_dict()}, out, extra_files=extra)
 
     @classmethod
@@ -171,4 +194,5 @@ class OPTModel(nn.Module):
         spec = ModelSpec.from_dict(read_config(directory)["spec"])
         model = cls(spec)
         load_weights(model, directory)
+        model.load_vq(Path(directory) / "vq")
         return model.eval()

@@ -59,6 +59,7 @@ def parameter_counts(model: OPTModel) -> dict[str, int]:
         if name != "encoders":
             counts[name] = sum(p.numel() for p in part.parameters())
     counts["logit_scale"] = model.logit_scale.numel()
+    counts["vq (frozen)"] = sum(p.numel() for p in model.vq.parameters())
     counts["total"] = sum(counts.values())
     counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return counts

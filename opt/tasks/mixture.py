@@ -1,0 +1,83 @@
+"""Combine the pretext tasks.
+
+``mode="sample"`` (the OPT paper): each step runs one task drawn with the
+configured weights. ``mode="sum"``: each step runs every task with a positive
+weight and adds the weighted losses. The mixture's random generator (which
+also draws every task's masks) and the contrastive task's momentum encoders and
+queues are its state, saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from opt.config import Config
+from opt.model.opt_model import OPTModel
+from opt.tasks.base import TaskOutput
+from opt.tasks.modality import ImageDecoding, TextDecoding
+from opt.tasks.sample import ContrastiveAlignment, ImageTextAudioMatching
+from opt.tasks.token import MaskedAudioModeling, MaskedLanguageModeling, MaskedVisionModeling
+
+NEEDS = {"mlm": {"text"}, "mvm": {"image"}, "mam": {"audio"}, "td": {"text"}, "id": {"image"},
+         "itm": {"text", "image", "audio"}, "contrastive": set()}
+
+
+def build_tasks(config: Config, model: OPTModel) -> dict:
+    """The tasks with a positive weight, keyed by name."""
+    settings = config.tasks
+    factories = {
+        "mlm": lambda: MaskedLanguageModeling(settings),
+        "mvm": lambda: MaskedVisionModeling(settings),
+        "mam": lambda: MaskedAudioModeling(settings),
+        "td": lambda: TextDecoding(settings, label_smoothing=config.model.text_decoder.label_smoothing),
+        "id": lambda: ImageDecoding(settings),
+        "itm": lambda: ImageTextAudioMatching(settings),
+        "contrastive": lambda: ContrastiveAlignment(settings, model),
+    }
+    enabled = set(config.data.modalities)
+    return {name: factories[name]() for name, weight in settings.weights.items()
+            if weight > 0 and NEEDS[name] <= enabled}
+
+
+class TaskMixture(nn.Module):
+    """Runs the tasks; a module so the contrastive task's state travels with it."""
+
+    def __init__(self, config: Config, model: OPTModel) -> None:
+        super().__init__()
+        tasks = build_tasks(config, model)
+        if not tasks:
+            raise ValueError("no pretext task is enabled for the configured modalities")
+        self.names = list(tasks)
+        self.stateful = nn.ModuleDict({n: t for n, t in tasks.items() if isinstance(t, nn.Module)})
+        self.stateless = {n: t for n, t in tasks.items() if not isinstance(t, nn.Module)}
+        self.weights = torch.tensor([config.tasks.weights[n] for n in self.names], dtype=torch.float)
+        self.mode = config.tasks.mode
+        self.generator = torch.Generator().manual_seed(config.train.seed + 1)
+
+    def task(self, name: str):
+        return self.stateful[name] if name in self.stateful else self.stateless[name]
+
+    def choose(self) -> list[str]:
+        """The tasks of the next step."""
+        if self.mode == "sum":
+            return self.names
+        index = int(torch.multinomial(self.weights, 1, generator=self.generator))
+        return [self.names[index]]
+
+    def forward(self, model: OPTModel, batch: dict) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
+        """Total loss of one step and metrics per task run."""
+        total, metrics = None, {}
+        for name in self.choose():
+            output: TaskOutput = self.task(name)(model, batch, self.generator)
+            weight = 1.0 if self.mode == "sample" else float(self.weights[self.names.index(name)])
+            total = output.loss * weight if total is None else total + output.loss * weight
+            metrics[name] = output.metrics
+        return total, metrics
+
+    def extra_state(self) -> dict:
+        """The generator's state (the modules' state is in ``state_dict``)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

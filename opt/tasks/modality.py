@@ -1,0 +1,86 @@
+"""Modality-level tasks: text decoding and image decoding.
+
+TD hides the text entirely and regenerates it with the text decoder from
+image only, audio only, or both (one of the three per step). ID hides the image
+and predicts its VQ codes with the image decoder from text only, audio only or
+both; per sample the condition is replaced by the null context with probability
+``condition_dropout`` (for classifier-free guidance). Each ID step trains either
+the autoregressive order or the parallel masked (MaskGIT) objective, half the
+steps each, so one network serves both decoding modes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from opt.config import TasksConfig
+from opt.model.generation import cosine_mask_ratio
+from opt.model.opt_model import OPTModel
+from opt.tasks.base import TaskOutput, accuracy, uniform
+
+CONDITIONS = {"td": (("image",), ("audio",), ("image", "audio")),
+              "id": (("text",), ("audio",), ("text", "audio"))}
+
+
+def _choose(options, generator: torch.Generator):
+    return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
+class TextDecoding:
+    name = "td"
+
+    def __init__(self, config: TasksConfig, *, label_smoothing: float) -> None:
+        self.config = config
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
+        sources = _choose(CONDITIONS["td"], generator)
+        fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
+        ids, mask = batch["text"]["ids"], batch["text"]["mask"] & batch["text"]["present"][:, None]
+        logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
+        targets = ids[:, 1:]
+        keep = mask[:, 1:]
+        loss = F.cross_entropy(logits[keep], targets[keep], label_smoothing=self.label_smoothing)
+        metrics = {"loss": loss.item(), "accuracy": accuracy(logits[keep], targets[keep]),
+                   f"accuracy_from_{'_'.join(sources)}": accuracy(logits[keep], targets[keep])}
+        return TaskOutput(loss, metrics)
+
+
+class ImageDecoding:
+    name = "id"
+
+    def __init__(self, config: TasksConfig) -> None:
+        self.config = config
+
+    def __call__(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
+        decoder = model.image_decoder
+        sources = _choose(CONDITIONS["id"], generator)
+        fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
+        context, context_mask = fused["states"], fused["mask"]
+        size = context.shape[0]
+        dropped = (uniform(size, generator) < self.config.condition_dropout).to(context.device)
+        if dropped.any():
+            null, _ = decoder.unconditional(size)
+            null_states = F.pad(null, (0, 0, 0, context.shape[1] - 1)).to(context.dtype)
+            null_mask = torch.zeros_like(context_mask)
+            null_mask[:, 0] = True
+            context = torch.where(dropped[:, None, None], null_states, context)
+            context_mask = torch.where(dropped[:, None], null_mask, context_mask)
+        codes = model.image_codes(batch["image"]["pixels"])
+        present = batch["image"]["present"]
+        autoregressive = bool(uniform(1, generator) < 0.5)
+        if autoregressive:
+            inputs = torch.cat([torch.full_like(codes[:, :1], decoder.bos_id), codes[:, :-1]], dim=1)
+            predict = present[:, None].expand_as(codes)
+        else:
+            ratio = cosine_mask_ratio(uniform((size, 1), generator)).to(codes.device)  # MaskGIT's schedule
+            predict = (uniform(codes.shape, generator).to(codes.device) < ratio.clamp_min(1 / codes.shape[1]))
+            predict &= present[:, None]
+            inputs = codes.masked_fill(predict, decoder.mask_id)
+        logits = decoder(inputs, context, context_mask, causal=autoregressive).float()
+        loss = F.cross_entropy(logits[predict], codes[predict])
+        mode = "autoregressive" if autoregressive else "parallel"
+        metrics = {"loss": loss.item(), "accuracy": accuracy(logits[predict], codes[predict]),
+                   f"loss_{mode}": loss.item()}
+        return TaskOutput(loss, metrics)

@@ -1,0 +1,146 @@
+"""Sample-level tasks: 5-way image-text-audio matching and two-tower contrastive
+alignment with momentum encoders and negative queues.
+
+5-way ITM classes, each drawn with probability 0.2 per sample i:
+0 matched; 1 image from another sample j; 2 audio from another sample j;
+3 image and audio both from one other sample j; 4 image from j and audio from
+k, with i, j, k all different.
+
+Contrastive alignment (BriVL / MoCo style): online towers embed text, image and
+audio; momentum copies of the encoders and towers (EMA of the online ones) embed
+the same batch as keys; per modality a queue keeps the latest momentum
+embeddings as extra negatives. Symmetric InfoNCE for text-image, text-audio and
+image-audio. With ``distillation`` > 0 the targets mix the one-hot match with the
+momentum encoders' own similarity distribution (momentum distillation).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opt import MODALITIES
+from opt.config import TasksConfig
+from opt.model.opt_model import OPTModel
+from opt.tasks.base import TaskOutput, accuracy, uniform
+
+PAIRS = (("text", "image"), ("text", "audio"), ("image", "audio"))
+
+
+def itm_assignment(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample a class in 0..4 and the indices its image and audio come from."""
+    if size < 3:
+        raise ValueError("5-way matching needs batches of at least 3 samples")
+    labels = torch.randint(5, (size,), generator=generator)
+    index = torch.arange(size)
+    j = (index + torch.randint(1, size, (size,), generator=generator)) % size  # uniform over j != i
+    low, high = torch.minimum(index, j), torch.maximum(index, j)
+    k = torch.randint(size - 2, (size,), generator=generator)  # the k-th index skipping i and j
+    k = k + (k >= low).long()
+    k = k + (k >= high).long()
+    image_from = torch.where((labels == 1) | (labels == 3) | (labels == 4), j, index)
+    audio_from = torch.where(labels == 2, j, index)
+    audio_from = torch.where(labels == 3, j, audio_from)
+    audio_from = torch.where(labels == 4, k, audio_from)
+    return labels, image_from, audio_from
+
+
+def _gather(part: dict, index: torch.Tensor) -> dict:
+    return {key: value[index.to(value.device)] for key, value in part.items()}
+
+
+class ImageTextAudioMatching:
+    name = "itm"
+
+    def __init__(self, config: TasksConfig) -> None:
+        self.config = config
+
+    def __call__(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
+        labels, image_from, audio_from = itm_assignment(len(batch["keys"]), generator)
+        mixed = dict(batch) | {"image": _gather(batch["image"], image_from), "audio": _gather(batch["audio"], audio_from)}
+        fused = model.fuse(model.encode_unimodal(mixed))
+        logits = model.heads["itm"](fused["cls"]).float()
+        labels = labels.to(logits.device)
+        loss = F.cross_entropy(logits, labels)
+        binary = float(((logits.argmax(-1) == 0) == (labels == 0)).float().mean())
+        return TaskOutput(loss, {"loss": loss.item(), "accuracy": accuracy(logits, labels),
+                                 "matched_vs_not_accuracy": binary})
+
+
+class ContrastiveAlignment(nn.Module):
+    """Owns the momentum encoders, towers and queues (all part of its state_dict)."""
+
+    name = "contrastive"
+
+    def __init__(self, config: TasksConfig, model: OPTModel) -> None:
+        super().__init__()
+        self.config = config
+        self.momentum_encoders = copy.deepcopy(model.encoders).requires_grad_(False)
+        self.momentum_towers = copy.deepcopy(model.towers).requires_grad_(False)
+        dim = model.spec.model.towers.dim
+        for modality in MODALITIES:
+            self.register_buffer(f"queue_{modality}", F.normalize(torch.randn(config.queue_size, dim), dim=-1))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _update_momentum(self, model: OPTModel) -> None:
+        m = self.config.momentum
+        for online, momentum in ((model.encoders, self.momentum_encoders), (model.towers, self.momentum_towers)):
+            for p_online, p_momentum in zip(online.parameters(), momentum.parameters()):
+                p_momentum.mul_(m).add_(p_online.detach().to(p_momentum.dtype), alpha=1 - m)
+
+    @torch.no_grad()
+    def _momentum_embeddings(self, model: OPTModel, batch: dict) -> dict[str, torch.Tensor]:
+        online_encoders, online_towers = model.encoders, model.towers
+        try:  # run the model's own encoding code with the momentum weights
+            model.encoders, model.towers = self.momentum_encoders, self.momentum_towers
+            return model.tower_embeddings(model.encode_unimodal(batch))
+        finally:
+            model.encoders, model.towers = online_encoders, online_towers
+
+    @torch.no_grad()
+    def _enqueue(self, keys: dict[str, torch.Tensor]) -> None:
+        size = next(iter(keys.values())).shape[0]
+        positions = (self.queue_pointer + torch.arange(size, device=self.queue_pointer.device)) % self.config.queue_size
+        for modality, embeddings in keys.items():
+            getattr(self, f"queue_{modality}")[positions] = embeddings.to(getattr(self, f"queue_{modality}").dtype)
+        self.queue_pointer.copy_((self.queue_pointer + size) % self.config.queue_size)
+        self.queue_filled.copy_(torch.clamp(self.queue_filled + size, max=self.config.queue_size))
+
+    def _info_nce(self, queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor,
+                  momentum_queries: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, float]:
+        candidates = torch.cat([keys, queue])  # (b + q, d): the batch's keys first
+        logits = scale * queries @ candidates.T
+        labels = torch.arange(queries.shape[0], device=queries.device)
+        targets = F.one_hot(labels, candidates.shape[0]).float()
+        if self.config.distillation > 0:
+            with torch.no_grad():
+                soft = (scale * momentum_queries @ candidates.T).softmax(-1)
+            targets = self.config.distillation * soft + (1 - self.config.distillation) * targets
+        loss = torch.sum(-targets * logits.log_softmax(-1), dim=-1).mean()
+        return loss, accuracy(logits[:, : queries.shape[0]], labels)
+
+    def forward(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
+        self._update_momentum(model)
+        queries = {m: e.float() for m, e in model.tower_embeddings(model.encode_unimodal(batch)).items()}
+        keys = {m: e.float() for m, e in self._momentum_embeddings(model, batch).items()}
+        scale = model.logit_scale.exp().clamp(max=100.0).float()
+        filled = int(self.queue_filled)
+        losses, metrics = [], {}
+        for a, b in PAIRS:
+            if a not in queries or b not in queries:
+                continue
+            for query, key in ((a, b), (b, a)):
+                queue = getattr(self, f"queue_{key}")[:filled].float()
+                loss, retrieval = self._info_nce(queries[query], keys[key], queue, keys[query], scale)
+                losses.append(loss)
+                metrics[f"{query[0]}2{key[0]}_accuracy"] = retrieval
+        loss = torch.stack(losses).mean()
+        self._enqueue(keys)
+        metrics["accuracy"] = sum(metrics.values()) / len(metrics)  # mean in-batch retrieval accuracy
+        metrics |= {"loss": loss.item(), "temperature": float(1 / scale.detach())}
+        return TaskOutput(loss, metrics)
