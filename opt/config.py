@@ -167,9 +167,19 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     lr: float = 5e-5  # peak learning rate
     warmup_steps: int = 1000  # linear warmup
+    schedule: str = "cosine"  # decay after warmup: cosine | linear (to zero at `steps`)
     weight_decay: float = 0.01  # AdamW weight decay (not on norms and biases)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas (the paper's)
     grad_clip: float = 5.0  # gradient-norm clipping
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    accumulation: int = 1  # micro-batches per optimizer step
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (the VQ tokenizer always runs in fp32)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    deepspeed_preset: str | None = None  # optional JSON merged under the derived DeepSpeed config
+    vq_path: str | None = None  # trained VQ tokenizer directory (opt vq train --out)
+    checkpoint_every: int = 500  # steps between checkpoints (one is also written at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard records
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
 
 
 @dataclass
@@ -243,6 +253,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config key 'tasks.mode': {config.tasks.mode!r} is not sample or sum")
     if sum(config.tasks.weights.values()) <= 0 or min(config.tasks.weights.values()) < 0:
         raise ConfigError("config key 'tasks.weights': weights must be >= 0 with at least one positive")
+    if config.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'train.zero_stage': must be 0, 1, 2 or 3, got {config.train.zero_stage}")
+    if config.train.schedule not in ("cosine", "linear"):
+        raise ConfigError(f"config key 'train.schedule': {config.train.schedule!r} is not cosine or linear")
     if config.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"config key 'train.precision': {config.train.precision!r} is not fp32, bf16 or fp16")
     for name, value in (("data.batch_size", config.data.batch_size), ("data.image_size", config.data.image_size),

@@ -17,7 +17,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sub.required = True
     show = sub.add_parser("show", help="print the config after defaults, file and overrides are merged")
     add_config_arguments(show)
-    show.set_defaults(run=show_config)
+    show.set_defaults(handler=show_config)
 
 
 def show_config(args: argparse.Namespace) -> None:

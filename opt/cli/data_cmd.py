@@ -27,19 +27,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--image-size", type=positive_int, default=64, help="canvas side in pixels (default 64)")
     synth.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     synth.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")
-    synth.set_defaults(run=run_synth)
+    synth.set_defaults(handler=run_synth)
 
     check = sub.add_parser("check", help="read shards through the training pipeline and count bad samples")
     check.add_argument("--data", required=True, help=DATA_HELP)
     check.add_argument("--tokenizer", help="tokenizer model (default: config tokenizer.path if text is enabled)")
     add_config_arguments(check)
-    check.set_defaults(run=run_check)
+    check.set_defaults(handler=run_check)
 
     preview = sub.add_parser("preview", help="write a PNG grid of samples with their captions")
     preview.add_argument("--data", required=True, help=DATA_HELP)
     preview.add_argument("--out", required=True, help="output PNG")
     preview.add_argument("--count", type=positive_int, default=24, help="samples to show (default 24)")
-    preview.set_defaults(run=run_preview)
+    preview.set_defaults(handler=run_preview)
 
 
 def run_synth(args: argparse.Namespace) -> None:

@@ -16,14 +16,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--val", help="validation shards for PSNR and codebook usage (default: a few training batches)")
     train.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, PNG, metrics)")
     add_config_arguments(train)
-    train.set_defaults(run=run_vq_train)
+    train.set_defaults(handler=run_vq_train)
 
     model = commands.add_parser("model", help="inspect the model")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", parser_class=type(model))
     model_sub.required = True
     summary = model_sub.add_parser("summary", help="parameters per part and FLOPs per sample of a training step")
     add_config_arguments(summary)
-    summary.set_defaults(run=run_summary)
+    summary.set_defaults(handler=run_summary)
 
 
 def run_vq_train(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="output model file, e.g. tok.model")
     train.add_argument("--vocab-size", type=positive_int, default=512, help="upper bound on pieces (default 512)")
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm")
-    train.set_defaults(run=run_train)
+    train.set_defaults(handler=run_train)
 
 
 def run_train(args: argparse.Namespace) -> None:

@@ -105,7 +105,7 @@ class OPTModel(nn.Module):
                                                dropout=dropout)
         encoder_widths = {"text": config.text.width, "image": config.vision.width, "audio": config.audio.width}
         self.towers = nn.ModuleDict({m: nn.Linear(encoder_widths[m], config.towers.dim) for m in MODALITIES})
-        self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.towers.temperature).log())
+        self.logit_scale = nn.Parameter(torch.tensor([1.0 / config.towers.temperature]).log())  # (1,): not 0-d, for DeepSpeed
         self.heads = nn.ModuleDict({
             "mlm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
                                  nn.Linear(width, spec.vocab_size)),

@@ -16,6 +16,7 @@ momentum encoders' own similarity distribution (momentum distillation).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -86,12 +87,18 @@ class ContrastiveAlignment(nn.Module):
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
 
+    @staticmethod
+    def gather_online(parameters):
+        """Context in which the online parameters are whole; the engine replaces it under ZeRO-3."""
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def _update_momentum(self, model: OPTModel) -> None:
         m = self.config.momentum
         for online, momentum in ((model.encoders, self.momentum_encoders), (model.towers, self.momentum_towers)):
-            for p_online, p_momentum in zip(online.parameters(), momentum.parameters()):
-                p_momentum.mul_(m).add_(p_online.detach().to(p_momentum.dtype), alpha=1 - m)
+            with self.gather_online(online.parameters()):
+                for p_online, p_momentum in zip(online.parameters(), momentum.parameters()):
+                    p_momentum.mul_(m).add_(p_online.detach().to(p_momentum.dtype), alpha=1 - m)
 
     @torch.no_grad()
     def _momentum_embeddings(self, model: OPTModel, batch: dict) -> dict[str, torch.Tensor]:

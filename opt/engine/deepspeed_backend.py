@@ -1,0 +1,145 @@
+"""DeepSpeed: the one module of the project that imports ``deepspeed``.
+
+The DeepSpeed config is derived from the training config (micro-batch size,
+accumulation, clipping, precision, ZeRO stage), so the two cannot disagree; an
+optional preset JSON (``configs/deepspeed/zero*.json``) adds other knobs and
+is refused if it sets one of the derived keys differently. The same code runs
+one CPU process (gloo), one GPU, or many under ``deepspeed``/``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from opt.config import Config
+from opt.errors import ConfigError
+
+TAG = "state"  # DeepSpeed's tag inside every checkpoint directory
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> torch.device:
+    """Join (or, for a plain single process, create) the process group; returns this rank's device."""
+    if "RANK" not in os.environ:  # not started by a launcher: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def deepspeed_config(config: Config) -> dict:
+    """The DeepSpeed config of a training config (plus its preset)."""
+    train = config.train
+    derived = {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": train.accumulation,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+    }
+    if not train.deepspeed_preset:
+        return derived
+    path = Path(train.deepspeed_preset)
+    if not path.is_file():
+        raise ConfigError(f"config key 'train.deepspeed_preset': file not found: {path}")
+    preset = json.loads(path.read_text())
+    for key in DERIVED_KEYS:
+        if key in preset and preset[key] != derived[key]:
+            raise ConfigError(f"DeepSpeed preset {path} sets {key}={preset[key]}, the training config gives "
+                              f"{derived[key]}; set it in the training config only")
+    stage = preset.get("zero_optimization", {}).get("stage", train.zero_stage)
+    if stage != train.zero_stage:
+        raise ConfigError(f"DeepSpeed preset {path} sets ZeRO stage {stage} but train.zero_stage is {train.zero_stage}")
+    merged = preset | derived
+    merged["zero_optimization"] = preset.get("zero_optimization", {}) | derived["zero_optimization"]
+    return merged
+
+
+class DeepSpeedBackend:
+    """Wraps a DeepSpeed engine: backward, step, checkpoints, parameter gathering."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: Config) -> None:
+        self.config = deepspeed_config(config)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
+        self.stage = config.train.zero_stage
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def rank(self) -> int:
+        return torch.distributed.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return torch.distributed.get_world_size()
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def gather(self, parameters):
+        """Context in which ZeRO-3 partitioned ``parameters`` are whole (a no-op below stage 3)."""
+        if self.stage == 3:
+            return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def loss_scale(self) -> float | None:
+        return float(self.optimizer.cur_scale) if hasattr(self.optimizer, "cur_scale") else None
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        """Every rank writes its part of the checkpoint into ``directory``."""
+        self.engine.save_checkpoint(str(directory), tag=TAG, client_state=client_state)
+
+    def load(self, directory: Path) -> dict:
+        """Load model, optimizer, scheduler and loss scaler; returns the client state."""
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+        return client_state
+
+
+def fp32_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint of any ZeRO stage (ZeRO partitions are merged)."""
+    state = Path(directory) / TAG
+    if any(state.glob("*optim_states.pt")):  # ZeRO 1-3: the fp32 master weights live in the optimizer shards
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+    files = sorted(state.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"no DeepSpeed model states in {state}")
+    module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    return {name: tensor.float() for name, tensor in module.items()}

@@ -1,0 +1,36 @@
+"""Turn a run's newest checkpoint (any ZeRO stage) into a plain model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from opt.config import load_config
+from opt.engine import checkpoints
+from opt.engine.deepspeed_backend import fp32_state_dict
+from opt.errors import UserError
+from opt.model.opt_model import ModelSpec, OPTModel
+from opt.text.tokenizer import TextTokenizer
+
+
+def export_run(run: str | Path, out: str | Path, *, checkpoint: str | Path | None = None) -> Path:
+    """Write ``out`` as a model directory (``from_pretrained`` loads it) from ``run``."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"not a training run directory (no config.yaml): {run}")
+    candidates = [Path(checkpoint)] if checkpoint else checkpoints.list_checkpoints(run)
+    if not candidates:
+        raise UserError(f"no checkpoint in {run}/checkpoints")
+    config = load_config(run / "config.yaml")
+    tokenizer = TextTokenizer.from_file(run / "tokenizer.model")
+    model = OPTModel(ModelSpec.from_config(config, tokenizer))
+    state = {k: v.float() for k, v in fp32_state_dict(candidates[0]).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"text_decoder.head.weight"}  # tied to text_decoder.embed.weight
+    if set(missing) - tied or unexpected:
+        raise UserError(f"checkpoint {candidates[0]} does not match the run's config: "
+                        f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    model.load_vq(run / "vq")
+    with torch.no_grad():
+        return model.save_pretrained(out, tokenizer_model=(run / "tokenizer.model").read_bytes())

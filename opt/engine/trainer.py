@@ -1,0 +1,249 @@
+"""Pretraining loop: ``opt train --config FILE [overrides]``.
+
+One code path for every scale: the model and task mixture are wrapped by
+DeepSpeed (ZeRO 0-3, fp32 / bf16 / fp16), on one CPU process (gloo) or many
+GPUs under the ``deepspeed`` or ``torchrun`` launchers.
+
+The run directory holds ``config.yaml`` (resolved), ``tokenizer.model``,
+``vq/`` (the frozen image tokenizer), ``metrics.jsonl``, ``tensorboard/`` and
+``checkpoints/step-*``. A checkpoint holds everything for an exact resume:
+model, optimizer, scheduler and loss scale (DeepSpeed's part), plus the task
+mixture (momentum encoders, queues, its random generator), the RNG states and
+the number of batches consumed (the data position: a resumed run skips as many
+batches of the same seeded stream).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from opt.config import Config, save_config
+from opt.data.pipeline import BatchLoader
+from opt.engine import checkpoints
+from opt.engine.deepspeed_backend import DeepSpeedBackend, init_distributed
+from opt.errors import UserError
+from opt.model.opt_model import ModelSpec, OPTModel
+from opt.tasks.mixture import TaskMixture
+from opt.text.tokenizer import TextTokenizer
+
+
+class TrainingStopped(UserError):
+    """Too many non-finite steps in a row; the last good state was checkpointed."""
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on norms, biases, embeddings' scales and scalars."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to 1, then cosine or linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (to_device(v, device) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
+
+
+class MetricWindow:
+    """Means of the per-task metrics and the throughput since the last record."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, metrics: dict[str, dict[str, float]], samples: int) -> None:
+        self.samples += samples
+        for task, values in metrics.items():
+            for name, value in values.items():
+                key = f"{task}/{name}"
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {key: total / self.counts[key] for key, total in self.sums.items()}
+
+    def samples_per_second(self) -> float:
+        return self.samples / max(time.perf_counter() - self.start, 1e-9)
+
+
+class Trainer:
+    def __init__(self, config: Config, run: str | Path, *, resume: str = "auto", progress: bool = True) -> None:
+        self.config = config
+        self.run = Path(run)
+        self.progress = progress
+        self.device = init_distributed()
+        torch.manual_seed(config.train.seed)
+        self.tokenizer = TextTokenizer.from_file(config.tokenizer.path)
+        model = OPTModel(ModelSpec.from_config(config, self.tokenizer))
+        if config.train.vq_path:
+            model.load_vq(config.train.vq_path)
+        self.mixture = TaskMixture(config, model)
+        optimizer = torch.optim.AdamW(parameter_groups(model, config.train.weight_decay), lr=config.train.lr,
+                                      betas=tuple(config.train.betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
+            step, warmup=config.train.warmup_steps, total=config.train.steps, schedule=config.train.schedule))
+        self.backend = DeepSpeedBackend(model, optimizer, scheduler, config)
+        self.model: OPTModel = self.backend.module
+        self.mixture.to(self.device)
+        for task in self.mixture.stateful.values():
+            task.gather_online = self.backend.gather
+        self.step = 0
+        self.consumed = 0  # batches taken from the data stream
+        self.nonfinite = {"in_a_row": 0, "total": 0}
+        self.is_main = self.backend.rank == 0
+        if self.is_main:
+            self._prepare_run_directory()
+        self.backend.barrier()
+        if resume == "auto":
+            self._resume_newest()
+        elif resume != "none":
+            self._load(Path(resume))
+
+    # -- run directory and checkpoints ---------------------------------------------------------
+
+    def _prepare_run_directory(self) -> None:
+        self.run.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run / "config.yaml")
+        self.tokenizer.save(self.run / "tokenizer.model")
+        if not (self.run / "vq").is_dir():
+            from opt.model.vq import save_vq
+
+            save_vq(self.model.vq, self.run / "vq")
+
+    def _client_state(self) -> dict:
+        return {
+            "step": self.step, "consumed": self.consumed, "nonfinite": dict(self.nonfinite),
+            "mixture": {k: v.cpu() for k, v in self.mixture.state_dict().items()},
+            "mixture_extra": self.mixture.extra_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def save_checkpoint(self) -> Path:
+        temporary = checkpoints.temporary_path(self.run, self.step)
+        if self.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        self.backend.barrier()
+        self.backend.save(temporary, self._client_state())
+        self.backend.barrier()
+        final = checkpoints.checkpoint_root(self.run) / checkpoints.checkpoint_name(self.step)
+        if self.is_main:
+            final = checkpoints.finalize(self.run, self.step, self.config.train.keep_checkpoints)
+        self.backend.barrier()
+        return final
+
+    def _load(self, directory: Path) -> None:
+        state = self.backend.load(directory)
+        self.step, self.consumed = state["step"], state["consumed"]
+        self.nonfinite = dict(state["nonfinite"])
+        self.mixture.load_state_dict(state["mixture"])
+        self.mixture.load_extra_state(state["mixture_extra"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def _resume_newest(self) -> None:
+        for directory in checkpoints.list_checkpoints(self.run):
+            try:
+                self._load(directory)
+            except Exception as error:  # an unreadable checkpoint: fall back to the previous one
+                tqdm.write(f"warning: checkpoint {directory} is unreadable ({type(error).__name__}: {error}); "
+                           "trying the previous one")
+                continue
+            tqdm.write(f"resumed from {directory} at step {self.step}")
+            return
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _batches(self):
+        loader = BatchLoader(self.config.data.train, self.config, self.tokenizer, train=True)
+        iterator = iter(loader)
+        for _ in range(self.consumed):  # the data position: skip what the interrupted run consumed
+            next(iterator)
+        return loader, iterator
+
+    def _log(self, writer, record: dict) -> None:
+        with open(self.run / "metrics.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, record["step"])
+
+    def fit(self) -> dict:
+        """Train to ``train.steps``; returns the last logged record."""
+        config = self.config.train
+        loader, batches = self._batches()
+        writer = SummaryWriter(str(self.run / "tensorboard")) if self.is_main else None
+        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+        bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main))
+        window = MetricWindow()
+        last_loss: dict[str, float] = {}
+        record: dict = {}
+        while self.step < config.steps:
+            batch = to_device(next(batches), self.device)
+            self.consumed += 1
+            with torch.autocast(self.device.type, dtype=precision or torch.float32, enabled=precision is not None):
+                loss, metrics = self.mixture(self.model, batch)
+            if not torch.isfinite(loss):
+                self._nonfinite(f"loss {loss.item()}")
+                continue
+            self.backend.backward(loss)
+            self.backend.step()
+            norm = self.backend.grad_norm()
+            if norm is not None and not math.isfinite(norm):
+                self._nonfinite(f"gradient norm {norm}")
+            else:
+                self.nonfinite["in_a_row"] = 0
+            self.step += 1
+            bar.update()
+            window.add(metrics, len(batch["keys"]) * self.backend.world_size)
+            last_loss |= {task: values["loss"] for task, values in metrics.items()}
+            bar.set_postfix({t: f"{v:.3f}" for t, v in last_loss.items()}, refresh=False)
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                record = {"step": self.step, "lr": self.backend.scheduler.get_last_lr()[0],
+                          "samples_per_s": window.samples_per_second(), "loss": loss.item(),
+                          "nonfinite_steps": self.nonfinite["total"]} | window.means()
+                if self.backend.loss_scale() is not None:
+                    record["loss_scale"] = self.backend.loss_scale()
+                if self.is_main:
+                    self._log(writer, record)
+                window = MetricWindow()
+            if self.step % config.checkpoint_every == 0 and self.step < config.steps:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        bar.close()
+        if writer is not None:
+            writer.close()
+            tqdm.write(loader.stats.summary())
+        return record
+
+    def _nonfinite(self, what: str) -> None:
+        self.nonfinite["in_a_row"] += 1
+        self.nonfinite["total"] += 1
+        tqdm.write(f"warning: step {self.step + 1}: non-finite {what}; step skipped "
+                   f"({self.nonfinite['in_a_row']} in a row)")
+        if self.nonfinite["in_a_row"] >= self.config.train.max_nonfinite:
+            path = self.save_checkpoint()
+            raise TrainingStopped(f"{self.nonfinite['in_a_row']} non-finite steps in a row at step {self.step}; "
+                                  f"stopped; the last good state is in {path}")
