@@ -1,0 +1,107 @@
+"""The pretraining engine (DeepSpeed on one CPU process): exact resume, checkpoint
+fallback, the NaN guard, export, metrics and plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from opt.cli import main
+from opt.config import load_config
+from opt.engine import checkpoints
+from opt.engine.deepspeed_backend import fp32_state_dict
+from opt.engine.trainer import Trainer, TrainingStopped
+from opt.model.opt_model import OPTModel
+from opt.tasks.mixture import TaskMixture
+from tests.test_model import SMALL
+
+
+@pytest.fixture(scope="module")
+def train_overrides(world, tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine") / "tok.model"
+    tokenizer.save(path)
+    return SMALL + [f"data.train={world}/train-*.tar", f"tokenizer.path={path}", "data.batch_size=4",
+                    "data.workers=0", "data.shuffle_buffer=16", "tasks.queue_size=8", "train.log_every=1",
+                    "train.checkpoint_every=2", "train.warmup_steps=2", "train.lr=1e-3", "train.keep_checkpoints=5"]
+
+
+def train(overrides, run, steps, resume="auto"):
+    config = load_config("configs/tiny.yaml", overrides + [f"train.steps={steps}"])
+    return Trainer(config, run, resume=resume, progress=False).fit()
+
+
+def final_weights(run):
+    return fp32_state_dict(checkpoints.list_checkpoints(run)[0])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(train_overrides, tmp_path, monkeypatch):
+    overrides = train_overrides + ["train.checkpoint_every=3"]
+    train(overrides, tmp_path / "straight", 6)
+    original, calls = TaskMixture.forward, {"n": 0}
+
+    def dies_in_step_5(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed
+        return original(self, model, batch)
+
+    monkeypatch.setattr(TaskMixture, "forward", dies_in_step_5)
+    with pytest.raises(Killed):
+        train(overrides, tmp_path / "resumed", 6)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "resumed")] == ["step-00000003"]
+    monkeypatch.setattr(TaskMixture, "forward", original)
+    train(overrides, tmp_path / "resumed", 6)
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, different  # bitwise, CPU fp32
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 4, 5, 6]  # step 4 was logged before the kill
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(train_overrides, tmp_path, capsys):
+    train(train_overrides, tmp_path, 4)
+    newest = checkpoints.list_checkpoints(tmp_path)[0]
+    for file in (newest / "state").glob("*.pt"):
+        file.write_bytes(b"corrupted")
+    config = load_config("configs/tiny.yaml", train_overrides + ["train.steps=4"])
+    trainer = Trainer(config, tmp_path, progress=False)
+    assert trainer.step == 2
+    captured = capsys.readouterr()
+    assert f"checkpoint {newest} is unreadable" in captured.out + captured.err
+
+
+def test_nan_guard_skips_then_stops_with_a_checkpoint(train_overrides, tmp_path, monkeypatch):
+    original = TaskMixture.forward
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch):
+        loss, metrics = original(self, model, batch)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 2 else loss), metrics
+
+    monkeypatch.setattr(TaskMixture, "forward", poisoned)
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row at step 2"):
+        train(train_overrides + ["train.max_nonfinite=3"], tmp_path, 10)
+    assert checkpoints.list_checkpoints(tmp_path)[0].name == "step-00000002"
+    weights = final_weights(tmp_path)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_export_loads_with_from_pretrained_and_plot_writes_a_png(train_overrides, tmp_path):
+    train(train_overrides, tmp_path / "run", 2)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
+    model = OPTModel.from_pretrained(tmp_path / "model")
+    weights = final_weights(tmp_path / "run")
+    torch.testing.assert_close(model.state_dict()["cross.cls"], weights["cross.cls"], rtol=0, atol=0)
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "lr", "samples_per_s", "loss"} <= set(record)
+    assert any(key.endswith("/loss") for key in record)

@@ -1,0 +1,129 @@
+"""Pretext tasks: each masking rule, the 5-way composition, modality drops, the mixture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opt.config import load_config
+from opt.data.pipeline import BatchLoader
+from opt.model.opt_model import ModelSpec, OPTModel
+from opt.tasks.base import drop_modalities, select_positions
+from opt.tasks.mixture import TaskMixture
+from opt.tasks.sample import itm_assignment
+from opt.tasks.token import FIRST_ORDINARY_ID, mask_text_ids
+from tests.test_model import SMALL
+
+
+def test_select_positions_rate_and_validity():
+    generator = torch.Generator().manual_seed(0)
+    valid = torch.rand(400, 50, generator=generator) < 0.7
+    chosen = select_positions(valid, 0.15, generator)
+    assert not (chosen & ~valid).any()
+    assert chosen.sum() / valid.sum() == pytest.approx(0.15, abs=0.01)
+    one = torch.zeros(3, 5, dtype=torch.bool)
+    one[:, 2] = True
+    assert select_positions(one, 0.0001, generator)[:, 2].all()  # every row gets at least one
+
+
+def test_mlm_masks_15_percent_with_80_10_10():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(FIRST_ORDINARY_ID, 500, (4000, 60), generator=generator)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[:, 0] = valid[:, -1] = False  # bos and eos are never selected
+    masked, selected = mask_text_ids(ids, valid, rate=0.15, mask_id=4, vocab_size=500, generator=generator)
+    assert not selected[:, 0].any() and not selected[:, -1].any()
+    assert selected.float().sum() / valid.sum() == pytest.approx(0.15, abs=0.005)
+    picked = selected.sum().float()
+    as_mask = (masked[selected] == 4).sum() / picked
+    kept = (masked[selected] == ids[selected]).sum() / picked
+    random = 1 - as_mask - kept
+    assert as_mask == pytest.approx(0.8, abs=0.01)
+    assert kept == pytest.approx(0.1, abs=0.015)  # random draws equal to the original are rare (1/493)
+    assert random == pytest.approx(0.1, abs=0.015)
+    assert (masked[~selected] == ids[~selected]).all()
+    assert (masked[selected & (masked != 4)] >= FIRST_ORDINARY_ID).all()
+
+
+def test_five_way_itm_composition():
+    generator = torch.Generator().manual_seed(2)
+    size = 8
+    counts = torch.zeros(5)
+    for _ in range(500):
+        labels, image_from, audio_from = itm_assignment(size, generator)
+        index = torch.arange(size)
+        counts += torch.bincount(labels, minlength=5)
+        for c, i, a, s in zip(labels.tolist(), image_from.tolist(), audio_from.tolist(), index.tolist()):
+            if c == 0:
+                assert i == s and a == s
+            elif c == 1:
+                assert i != s and a == s
+            elif c == 2:
+                assert i == s and a != s
+            elif c == 3:
+                assert i == a != s
+            else:
+                assert len({s, i, a}) == 3
+    assert torch.allclose(counts / counts.sum(), torch.full((5,), 0.2), atol=0.02)
+    labels, image_from, audio_from = itm_assignment(3, generator)  # smallest batch still works
+    assert all(len({s, i, a}) == 3 for s, i, a, c in zip(range(3), image_from.tolist(), audio_from.tolist(),
+                                                           labels.tolist()) if c == 4)
+
+
+def test_whole_modality_masking_drops_one_or_two_others_at_the_configured_rate():
+    size = 4000
+    batch = {"keys": list(range(size)),
+             **{m: {"present": torch.ones(size, dtype=torch.bool)} for m in ("text", "image", "audio")}}
+    dropped = drop_modalities(batch, "text", 0.3, torch.Generator().manual_seed(3))
+    assert dropped["text"]["present"].all()
+    image_gone, audio_gone = ~dropped["image"]["present"], ~dropped["audio"]["present"]
+    any_gone = (image_gone | audio_gone).float().mean()
+    assert any_gone == pytest.approx(0.3, abs=0.025)
+    both = (image_gone & audio_gone).float().mean()
+    assert both == pytest.approx(0.1, abs=0.02)  # one of three subsets: {image}, {audio}, {image, audio}
+    assert batch["image"]["present"].all()  # the input batch is not modified
+
+
+@pytest.fixture(scope="module")
+def small_setup(world, tokenizer):
+    config = load_config("configs/tiny.yaml", SMALL + ["tasks.queue_size=16", "data.batch_size=8"])
+    torch.manual_seed(0)
+    model = OPTModel(ModelSpec.from_config(config, tokenizer)).train()
+    batch = next(iter(BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=False)))
+    return config, model, batch
+
+
+@pytest.mark.parametrize("name", ["mlm", "mvm", "mam", "td", "id", "itm", "contrastive"])
+def test_each_task_returns_a_finite_loss_with_gradients(small_setup, name):
+    config, model, batch = small_setup
+    mixture = TaskMixture(config, model)
+    output = mixture.task(name)(model, batch, torch.Generator().manual_seed(0))
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    assert "loss" in output.metrics and 0.0 <= output.metrics["accuracy"] <= 1.0
+    model.zero_grad(set_to_none=True)
+    output.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_mixture_sample_mode_follows_weights_and_sum_mode_runs_all(small_setup):
+    config, model, _ = small_setup
+    weighted = load_config("configs/tiny.yaml", SMALL + ["tasks.weights={mlm: 3.0, itm: 1.0, td: 0, mvm: 0, mam: 0, "
+                                                         "id: 0, contrastive: 0}"])
+    mixture = TaskMixture(weighted, model)
+    picks = [mixture.choose()[0] for _ in range(2000)]
+    assert set(picks) == {"mlm", "itm"} and picks.count("mlm") / 2000 == pytest.approx(0.75, abs=0.03)
+    summed = TaskMixture(load_config("configs/tiny.yaml", SMALL + ["tasks.mode=sum"]), model)
+    assert summed.choose() == summed.names and len(summed.names) == 7
+
+
+def test_contrastive_state_includes_momentum_encoders_and_queues(small_setup):
+    config, model, batch = small_setup
+    mixture = TaskMixture(config, model)
+    keys = mixture.state_dict().keys()
+    assert any(k.startswith("stateful.contrastive.momentum_encoders.") for k in keys)
+    assert {"stateful.contrastive.queue_text", "stateful.contrastive.queue_pointer"} <= set(keys)
+    task = mixture.task("contrastive")
+    before = task.queue_image.clone()
+    task(model, batch, torch.Generator().manual_seed(0))
+    assert int(task.queue_pointer) == 8 and int(task.queue_filled) == 8
+    assert not torch.equal(before[:8], task.queue_image[:8]) and torch.equal(before[8:], task.queue_image[8:])
