@@ -97,7 +97,7 @@ def small_setup(world, tokenizer):
 def test_each_task_returns_a_finite_loss_with_gradients(small_setup, name):
     config, model, batch = small_setup
     mixture = TaskMixture(config, model)
-    output = mixture.task(name)(model, batch, torch.Generator().manual_seed(0))
+    output = mixture.task(name)(model, batch, mixture.random)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
     assert "loss" in output.metrics and 0.0 <= output.metrics["accuracy"] <= 1.0
     model.zero_grad(set_to_none=True)
@@ -124,6 +124,6 @@ def test_contrastive_state_includes_momentum_encoders_and_queues(small_setup):
     assert {"stateful.contrastive.queue_text", "stateful.contrastive.queue_pointer"} <= set(keys)
     task = mixture.task("contrastive")
     before = task.queue_image.clone()
-    task(model, batch, torch.Generator().manual_seed(0))
+    task(model, batch, mixture.random)
     assert int(task.queue_pointer) == 8 and int(task.queue_filled) == 8
     assert not torch.equal(before[:8], task.queue_image[:8]) and torch.equal(before[8:], task.queue_image[8:])

@@ -10,7 +10,8 @@ from opt.cli.common import add_config_arguments, config_from_args
 def register(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="pretrain with the configured pretext tasks (DeepSpeed ZeRO)")
     add_config_arguments(train)
-    train.add_argument("--run", default="runs/train", help="run directory (default runs/train)")
+    train.add_argument("--run-dir", default="runs/train",
+                       help="run directory: config, checkpoints, metrics, TensorBoard logs (default runs/train)")
     train.add_argument("--resume", default="auto",
                        help="auto (newest valid checkpoint of the run, the default), none, or a checkpoint directory")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -31,9 +32,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> None:
     from opt.engine.trainer import Trainer
 
-    record = Trainer(config_from_args(args), args.run, resume=args.resume).fit()
+    record = Trainer(config_from_args(args), args.run_dir, resume=args.resume).fit()
     if record:
-        print(f"train: step {record['step']}, loss {record['loss']:.4f} -> {args.run}")
+        print(f"train: step {record['step']}, loss {record['loss']:.4f} -> {args.run_dir}")
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -44,7 +44,8 @@ class CrossModalEncoder(nn.Module):
             raise ValueError("the cross-modal encoder needs at least one modality")
         first = next(iter(inputs.values()))["tokens"]
         batch, device = first.shape[0], first.device
-        pieces = [self.cls.expand(batch, -1, -1).to(first.dtype) + self.types.weight[TYPE_IDS["cls"]]]
+        types = self.types(torch.arange(len(TYPE_IDS), device=device))  # (4, d), through forward for hooks
+        pieces = [self.cls.expand(batch, -1, -1).to(first.dtype) + types[TYPE_IDS["cls"]]]
         masks = [torch.ones(batch, 1, dtype=torch.bool, device=device)]
         spans, start = {}, 1
         for modality in MODALITIES:
@@ -52,7 +53,7 @@ class CrossModalEncoder(nn.Module):
                 continue
             tokens, mask = inputs[modality]["tokens"], inputs[modality]["mask"]
             positions = self.positions[modality](torch.arange(tokens.shape[1], device=device))
-            pieces.append(tokens + positions + self.types.weight[TYPE_IDS[modality]])
+            pieces.append(tokens + positions + types[TYPE_IDS[modality]])
             masks.append(mask)
             spans[modality] = (start, start + tokens.shape[1])
             start += tokens.shape[1]

@@ -15,6 +15,7 @@ decoding loops in :mod:`opt.model.generation`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from opt.config import ImageDecoderConfig, TextDecoderConfig
@@ -67,14 +68,21 @@ class ImageTokenDecoder(nn.Module):
         """Per-layer caches; ``self_attention=False`` keeps only the context's keys and values."""
         return self.transformer.new_cache(self_attention=self_attention)
 
-    def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The null context (b, 1, d) and its mask, for dropped conditions."""
-        context = self.null_context.expand(batch, -1, -1)
-        return context, torch.ones(batch, 1, dtype=torch.bool, device=context.device)
-
     def forward(self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, *, causal: bool,
-                cache: list[LayerCache] | None = None) -> torch.Tensor:
-        """Logits (b, t, codebook_size) for input tokens (b, t) (codes, [MASK] or [BOS])."""
+                cache: list[LayerCache] | None = None, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (b, t, codebook_size) for input tokens (b, t) (codes, [MASK] or [BOS]).
+
+        ``drop_condition`` (b,) True replaces that sample's context by the learned null
+        context (a single key): condition dropout in training, the unconditional half of
+        classifier-free guidance in decoding.
+        """
+        if drop_condition is not None:
+            null = F.pad(self.null_context.to(context.dtype).expand(context.shape[0], -1, -1),
+                         (0, 0, 0, context.shape[1] - 1))
+            null_mask = torch.zeros_like(context_mask)
+            null_mask[:, 0] = True
+            context = torch.where(drop_condition[:, None, None], null, context)
+            context_mask = torch.where(drop_condition[:, None], null_mask, context_mask)
         offset = cache[0].self_attention.length if cache and cache[0].self_attention else 0
         x = self.embed(tokens) + self.positions(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
         self_mask = None

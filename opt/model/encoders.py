@@ -39,13 +39,28 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class MaskableVisionTransformer(VisionTransformer):
+    """timm's ViT whose forward can replace some patch embeddings before positions are added.
+
+    Going through ``forward`` (rather than calling the ViT's internals from outside)
+    keeps module hooks, such as ZeRO-3's parameter gathering, working.
+    """
+
+    def forward(self, pixels: torch.Tensor, hidden: torch.Tensor | None = None,
+                mask_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(pixels)  # (b, n, w)
+        if hidden is not None:
+            x = torch.where(hidden[..., None], mask_embedding.to(x.dtype), x)
+        return self.norm(self.blocks(self.norm_pre(self._pos_embed(x))))
+
+
 class VisionEncoder(nn.Module):
     """Images (b, 3, H, W) in [0, 1] -> patch tokens (b, (H/p) * (W/p), d)."""
 
     def __init__(self, config: VisionConfig, *, image_size: int, out_width: int, mlp_ratio: int = 4,
                  dropout: float = 0.0) -> None:
         super().__init__()
-        self.vit = VisionTransformer(
+        self.vit = MaskableVisionTransformer(
             img_size=image_size, patch_size=config.patch_size, embed_dim=config.width, depth=config.layers,
             num_heads=config.heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool="", class_token=False,
             drop_rate=dropout, proj_drop_rate=dropout, attn_drop_rate=dropout,
@@ -58,10 +73,7 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor, *, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``hidden`` (b, n) True marks patches replaced by the mask embedding."""
-        x = self.vit.patch_embed((pixels - 0.5) / 0.5)  # (b, n, w)
-        if hidden is not None:
-            x = torch.where(hidden[..., None], self.mask_embedding.to(x.dtype), x)
-        x = self.vit.norm(self.vit.blocks(self.vit.norm_pre(self.vit._pos_embed(x))))
+        x = self.vit((pixels - 0.5) / 0.5, hidden, self.mask_embedding)  # (b, n, w)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return {"tokens": self.project(x), "mask": mask, "pooled": x.mean(dim=1)}
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from opt.model.decoders import ImageTokenDecoder, TextDecoder
 
@@ -108,12 +107,9 @@ def _guided_logits(decoder: ImageTokenDecoder, tokens: torch.Tensor, context: to
     if guidance == 1.0:
         return decoder(tokens, context, context_mask, causal=causal, cache=cache).float()
     batch = tokens.shape[0]
-    null, null_mask = decoder.unconditional(batch)
-    width = max(context.shape[1], 1)
-    null = F.pad(null, (0, 0, 0, width - 1))
-    null_mask = F.pad(null_mask, (0, width - 1), value=False)
-    logits = decoder(torch.cat([tokens, tokens]), torch.cat([context, null.to(context.dtype)]),
-                     torch.cat([context_mask, null_mask]), causal=causal, cache=cache).float()
+    drop = torch.arange(2 * batch, device=tokens.device) >= batch
+    logits = decoder(torch.cat([tokens, tokens]), torch.cat([context, context]), torch.cat([context_mask, context_mask]),
+                     causal=causal, cache=cache, drop_condition=drop).float()
     conditional, unconditional = logits[:batch], logits[batch:]
     return unconditional + guidance * (conditional - unconditional)
 

@@ -76,6 +76,22 @@ class ModelSpec:
         return (self.image_size // 8) ** 2
 
 
+class LearnedScale(nn.Module):
+    """A learned positive scale (the contrastive logit scale), stored as its log.
+
+    A module with a forward (not a bare parameter) so hooks such as ZeRO-3's
+    gathering see its use; shape (1,), since DeepSpeed cannot broadcast 0-d tensors.
+    """
+
+    def __init__(self, initial: float, maximum: float = 100.0) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor([initial]).log())
+        self.maximum = maximum
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.maximum)
+
+
 def _audio_input(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     audio = batch["audio"]
     return (audio["features"] if "features" in audio else audio["waveform"]), audio["mask"]
@@ -105,7 +121,7 @@ class OPTModel(nn.Module):
                                                dropout=dropout)
         encoder_widths = {"text": config.text.width, "image": config.vision.width, "audio": config.audio.width}
         self.towers = nn.ModuleDict({m: nn.Linear(encoder_widths[m], config.towers.dim) for m in MODALITIES})
-        self.logit_scale = nn.Parameter(torch.tensor([1.0 / config.towers.temperature]).log())  # (1,): not 0-d, for DeepSpeed
+        self.temperature = LearnedScale(1.0 / config.towers.temperature)
         self.heads = nn.ModuleDict({
             "mlm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
                                  nn.Linear(width, spec.vocab_size)),

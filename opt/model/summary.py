@@ -58,7 +58,6 @@ def parameter_counts(model: OPTModel) -> dict[str, int]:
     for name, part in model.named_children():
         if name != "encoders":
             counts[name] = sum(p.numel() for p in part.parameters())
-    counts["logit_scale"] = model.logit_scale.numel()
     counts["vq (frozen)"] = sum(p.numel() for p in model.vq.parameters())
     counts["total"] = sum(counts.values())
     counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,8 +1,13 @@
 """What every pretext task shares: its output type, random position selection
 and whole-modality masking.
 
-Randomness comes from a ``torch.Generator`` owned by the task mixture, so a
-resumed run draws the same masks as an uninterrupted one.
+Randomness comes from two ``torch.Generator`` s owned by the task mixture (so a
+resumed run draws exactly what an uninterrupted one would): ``choice`` decides
+structure (which inputs a task uses, which decoding objective), is seeded the
+same on every process and is consumed by the same fixed-size draws there, so
+all processes use the same parameters in a step (data-parallel gradient
+reductions must match); ``mask`` draws masks and per-sample choices, seeded per
+process.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from opt import MODALITIES
+
+
+@dataclass
+class TaskRandom:
+    choice: torch.Generator  # identical on every process: structural choices only
+    mask: torch.Generator  # per process: masks, swaps, per-sample draws
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 ``mode="sample"`` (the OPT paper): each step runs one task drawn with the
 configured weights. ``mode="sum"``: each step runs every task with a positive
-weight and adds the weighted losses. The mixture's random generator (which
-also draws every task's masks) and the contrastive task's momentum encoders and
-queues are its state, saved in checkpoints.
+weight and adds the weighted losses. The mixture's random generators (which
+also draw every task's choices and masks) and the contrastive task's momentum
+encoders and queues are its state, saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from opt.config import Config
 from opt.model.opt_model import OPTModel
-from opt.tasks.base import TaskOutput
+from opt.tasks.base import TaskOutput, TaskRandom
 from opt.tasks.modality import ImageDecoding, TextDecoding
 from opt.tasks.sample import ContrastiveAlignment, ImageTextAudioMatching
 from opt.tasks.token import MaskedAudioModeling, MaskedLanguageModeling, MaskedVisionModeling
@@ -53,7 +53,9 @@ class TaskMixture(nn.Module):
         self.stateless = {n: t for n, t in tasks.items() if not isinstance(t, nn.Module)}
         self.weights = torch.tensor([config.tasks.weights[n] for n in self.names], dtype=torch.float)
         self.mode = config.tasks.mode
-        self.generator = torch.Generator().manual_seed(config.train.seed + 1)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.random = TaskRandom(choice=torch.Generator().manual_seed(config.train.seed + 1),
+                                 mask=torch.Generator().manual_seed(config.train.seed + 1 + 1000 * (rank + 1)))
 
     def task(self, name: str):
         return self.stateful[name] if name in self.stateful else self.stateless[name]
@@ -62,22 +64,23 @@ class TaskMixture(nn.Module):
         """The tasks of the next step."""
         if self.mode == "sum":
             return self.names
-        index = int(torch.multinomial(self.weights, 1, generator=self.generator))
+        index = int(torch.multinomial(self.weights, 1, generator=self.random.choice))
         return [self.names[index]]
 
     def forward(self, model: OPTModel, batch: dict) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
         """Total loss of one step and metrics per task run."""
         total, metrics = None, {}
         for name in self.choose():
-            output: TaskOutput = self.task(name)(model, batch, self.generator)
+            output: TaskOutput = self.task(name)(model, batch, self.random)
             weight = 1.0 if self.mode == "sample" else float(self.weights[self.names.index(name)])
             total = output.loss * weight if total is None else total + output.loss * weight
             metrics[name] = output.metrics
         return total, metrics
 
     def extra_state(self) -> dict:
-        """The generator's state (the modules' state is in ``state_dict``)."""
-        return {"generator": self.generator.get_state()}
+        """The generators' states (the modules' state is in ``state_dict``)."""
+        return {"choice": self.random.choice.get_state(), "mask": self.random.mask.get_state()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.random.choice.set_state(state["choice"])
+        self.random.mask.set_state(state["mask"])

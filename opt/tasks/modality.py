@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from opt.config import TasksConfig
 from opt.model.generation import cosine_mask_ratio
 from opt.model.opt_model import OPTModel
-from opt.tasks.base import TaskOutput, accuracy, uniform
+from opt.tasks.base import TaskOutput, TaskRandom, accuracy, uniform
 
 CONDITIONS = {"td": (("image",), ("audio",), ("image", "audio")),
               "id": (("text",), ("audio",), ("text", "audio"))}
@@ -34,8 +34,8 @@ class TextDecoding:
         self.config = config
         self.label_smoothing = label_smoothing
 
-    def __call__(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
-        sources = _choose(CONDITIONS["td"], generator)
+    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
+        sources = _choose(CONDITIONS["td"], random.choice)
         fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
         ids, mask = batch["text"]["ids"], batch["text"]["mask"] & batch["text"]["present"][:, None]
         logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
@@ -53,32 +53,25 @@ class ImageDecoding:
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
+    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
         decoder = model.image_decoder
-        sources = _choose(CONDITIONS["id"], generator)
+        sources = _choose(CONDITIONS["id"], random.choice)
         fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
         context, context_mask = fused["states"], fused["mask"]
         size = context.shape[0]
-        dropped = (uniform(size, generator) < self.config.condition_dropout).to(context.device)
-        if dropped.any():
-            null, _ = decoder.unconditional(size)
-            null_states = F.pad(null, (0, 0, 0, context.shape[1] - 1)).to(context.dtype)
-            null_mask = torch.zeros_like(context_mask)
-            null_mask[:, 0] = True
-            context = torch.where(dropped[:, None, None], null_states, context)
-            context_mask = torch.where(dropped[:, None], null_mask, context_mask)
+        dropped = (uniform(size, random.mask) < self.config.condition_dropout).to(context.device)
         codes = model.image_codes(batch["image"]["pixels"])
         present = batch["image"]["present"]
-        autoregressive = bool(uniform(1, generator) < 0.5)
+        autoregressive = bool(uniform(1, random.choice) < 0.5)
         if autoregressive:
             inputs = torch.cat([torch.full_like(codes[:, :1], decoder.bos_id), codes[:, :-1]], dim=1)
             predict = present[:, None].expand_as(codes)
         else:
-            ratio = cosine_mask_ratio(uniform((size, 1), generator)).to(codes.device)  # MaskGIT's schedule
-            predict = (uniform(codes.shape, generator).to(codes.device) < ratio.clamp_min(1 / codes.shape[1]))
+            ratio = cosine_mask_ratio(uniform((size, 1), random.mask)).to(codes.device)  # MaskGIT's schedule
+            predict = (uniform(codes.shape, random.mask).to(codes.device) < ratio.clamp_min(1 / codes.shape[1]))
             predict &= present[:, None]
             inputs = codes.masked_fill(predict, decoder.mask_id)
-        logits = decoder(inputs, context, context_mask, causal=autoregressive).float()
+        logits = decoder(inputs, context, context_mask, causal=autoregressive, drop_condition=dropped).float()
         loss = F.cross_entropy(logits[predict], codes[predict])
         mode = "autoregressive" if autoregressive else "parallel"
         metrics = {"loss": loss.item(), "accuracy": accuracy(logits[predict], codes[predict]),

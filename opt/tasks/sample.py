@@ -26,7 +26,7 @@ from torch import nn
 from opt import MODALITIES
 from opt.config import TasksConfig
 from opt.model.opt_model import OPTModel
-from opt.tasks.base import TaskOutput, accuracy, uniform
+from opt.tasks.base import TaskOutput, TaskRandom, accuracy
 
 PAIRS = (("text", "image"), ("text", "audio"), ("image", "audio"))
 
@@ -59,8 +59,8 @@ class ImageTextAudioMatching:
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
-        labels, image_from, audio_from = itm_assignment(len(batch["keys"]), generator)
+    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
+        labels, image_from, audio_from = itm_assignment(len(batch["keys"]), random.mask)
         mixed = dict(batch) | {"image": _gather(batch["image"], image_from), "audio": _gather(batch["audio"], audio_from)}
         fused = model.fuse(model.encode_unimodal(mixed))
         logits = model.heads["itm"](fused["cls"]).float()
@@ -131,11 +131,11 @@ class ContrastiveAlignment(nn.Module):
         loss = torch.sum(-targets * logits.log_softmax(-1), dim=-1).mean()
         return loss, accuracy(logits[:, : queries.shape[0]], labels)
 
-    def forward(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
+    def forward(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
         self._update_momentum(model)
         queries = {m: e.float() for m, e in model.tower_embeddings(model.encode_unimodal(batch)).items()}
         keys = {m: e.float() for m, e in self._momentum_embeddings(model, batch).items()}
-        scale = model.logit_scale.exp().clamp(max=100.0).float()
+        scale = model.temperature().float()
         filled = int(self.queue_filled)
         losses, metrics = [], {}
         for a, b in PAIRS:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from opt.config import TasksConfig
 from opt.model.opt_model import OPTModel
-from opt.tasks.base import TaskOutput, accuracy, drop_modalities, select_positions, uniform
+from opt.tasks.base import TaskOutput, TaskRandom, accuracy, drop_modalities, select_positions, uniform
 
 FIRST_ORDINARY_ID = 7  # ids below are special tokens (pad, unk, bos, eos, mask, cls, sep)
 
@@ -42,7 +42,8 @@ class MaskedLanguageModeling:
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
+    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
+        generator = random.mask
         spec = model.spec
         text = batch["text"]
         content = text["mask"] & (text["ids"] >= FIRST_ORDINARY_ID) & text["present"][:, None]
@@ -64,7 +65,8 @@ class MaskedVisionModeling:
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
+    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
+        generator = random.mask
         image = batch["image"]
         codes = model.image_codes(image["pixels"])  # (b, 64)
         valid = image["present"][:, None].expand_as(codes)
@@ -86,7 +88,8 @@ class MaskedAudioModeling:
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, generator: torch.Generator) -> TaskOutput:
+    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
+        generator = random.mask
         hidden = select_positions(model.audio_frames(batch), self.config.mam_rate, generator)
         batch = drop_modalities(batch, "audio", self.config.modality_drop, generator)
         unimodal = model.encode_unimodal(batch, hide_frames=hidden)
