@@ -1,0 +1,112 @@
+"""Training-step benchmark, measured side by side in one run (CPU, 2 threads here).
+
+    python scripts/bench_train.py [--quick] [--out bench_train.json]
+
+1. A full training step (all three encoders, the cross-modal encoder, both decoders,
+   forward + backward + AdamW) for the tiny and base configs in fp32: samples/s and
+   achieved FLOP/s as a fraction of the fp32 matmul peak measured in the same run
+   (target >= 40% for base); base also under bf16 autocast against the bf16 peak.
+2. Our cross-modal encoder vs a transformers ``BertModel`` encoder of the same size
+   (12 layers, 768 wide, 12 heads, sequence 180): forward + backward step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig, BertModel
+
+from opt.config import load_config
+from opt.model.cross import CrossModalEncoder
+from opt.model.opt_model import ModelSpec, OPTModel
+from opt.model.summary import dummy_batch, full_step_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(function, repeats: int) -> float:
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return 2 * size**3 / timed(lambda: a @ b, 5)
+
+
+def bench_step(name: str, batch_size: int, repeats: int, peak: float, dtype: torch.dtype | None = None) -> dict:
+    torch.manual_seed(0)
+    model = OPTModel(ModelSpec.from_config(load_config(ROOT / f"configs/{name}.yaml"))).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = dummy_batch(model, batch_size)
+
+    def step():
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = full_step_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = full_step_loss(model, batch)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = timed(step, repeats)
+    key = f"{name}_{'bf16' if dtype else 'fp32'}"
+    flops = counter.get_total_flops()
+    return {f"{key}_samples_per_s": batch_size / seconds, f"{key}_gflops_per_s": flops / seconds / 1e9,
+            f"{key}_fraction_of_peak": flops / seconds / peak}
+
+
+def bench_cross_vs_bert(batch: int, repeats: int) -> dict:
+    config = load_config(ROOT / "configs/base.yaml").model.cross
+    torch.manual_seed(0)
+    ours = CrossModalEncoder(config, image_tokens=64).train()
+    bert = BertModel(BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                                max_position_embeddings=512, attn_implementation="sdpa"),
+                     add_pooling_layer=False).train()
+    lengths = {"text": 40, "image": 64, "audio": 75}
+    inputs = {m: {"tokens": torch.randn(batch, n, 768), "mask": torch.ones(batch, n, dtype=torch.bool)}
+              for m, n in lengths.items()}
+    embeds = torch.randn(batch, 1 + sum(lengths.values()), 768)
+    mask = torch.ones(batch, embeds.shape[1], dtype=torch.long)
+    ours_s = timed(lambda: ours(inputs)["states"].pow(2).mean().backward(), repeats)
+    bert_s = timed(lambda: bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.pow(2).mean().backward(),
+                   repeats)
+    return {"cross_base_step_s": ours_s, "bert_base_step_s": bert_s, "cross_vs_bert_speedup": bert_s / ours_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one timed repeat")
+    parser.add_argument("--out", help="also write the figures as JSON")
+    args = parser.parse_args()
+    repeats = 1 if args.quick else 2
+    fp32_peak, bf16_peak = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    results = {"threads": torch.get_num_threads(), "fp32_matmul_gflops_per_s": fp32_peak / 1e9,
+               "bf16_matmul_gflops_per_s": bf16_peak / 1e9}
+    results |= bench_step("tiny", 32, repeats, fp32_peak)
+    results |= bench_step("base", 4, repeats, fp32_peak)
+    results |= bench_step("base", 4, repeats, bf16_peak, dtype=torch.bfloat16)
+    results |= bench_cross_vs_bert(8, repeats)
+    results["fp32_matmul_gflops_per_s_after"] = matmul_peak(torch.float32) / 1e9
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:12.4g}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
