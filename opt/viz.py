@@ -27,11 +27,16 @@ def save_image_grid(images: list[torch.Tensor], out: str | Path, *, titles: list
             axis.set_title("\n".join(textwrap.wrap(titles[index], 22)[:4]), fontsize=6)
     for row, label in enumerate(row_labels or []):
         axes[row, 0].text(-0.1, 0.5, label, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
+    return save_figure(figure, out, dpi=120)
+
+
+def save_figure(figure, out: str | Path, *, dpi: int = 110) -> Path:
+    """Lay out, write as PNG under a temporary name, rename into place, close."""
     figure.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.png")
-    figure.savefig(tmp, dpi=120)
+    figure.savefig(tmp, dpi=dpi)
     plt.close(figure)
     os.replace(tmp, out)
     return out

@@ -17,35 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from opt.config import CrossModalConfig, ImageDecoderConfig, TextDecoderConfig, load_config
+from opt.benchmarking import matmul_peak, timed
+from opt.config import CrossModalConfig, load_config
 from opt.model.cross import CrossModalEncoder
 from opt.model.decoders import ImageTokenDecoder, TextDecoder
 from opt.model.generation import (generate_image_codes_autoregressive, generate_image_codes_parallel,
                                   generate_text)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(function, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call (seconds)."""
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / timed(lambda: a @ b, repeats)
 
 
 def bench_text_decoding(batch: int, tokens: int, repeats: int, vocab: int = 30000) -> dict[str, float]:

@@ -14,34 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel
 
+from opt.benchmarking import matmul_peak, timed
 from opt.config import load_config
 from opt.model.cross import CrossModalEncoder
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.model.summary import dummy_batch, full_step_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(function, repeats: int) -> float:
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 2048) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / timed(lambda: a @ b, 5)
 
 
 def bench_step(name: str, batch_size: int, repeats: int, peak: float, dtype: torch.dtype | None = None) -> dict:

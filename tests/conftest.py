@@ -31,3 +31,15 @@ def tokenizer(world, tmp_path_factory) -> TextTokenizer:
 @pytest.fixture()
 def config() -> Config:
     return load_config(None, ["data.batch_size=8", "data.workers=0", "data.shuffle_buffer=0"])
+
+
+@pytest.fixture(scope="session")
+def small_training_overrides(world, tokenizer, tmp_path_factory) -> list[str]:
+    """Overrides for short pretraining runs of a small model on the session world."""
+    from tests.test_model import SMALL
+
+    path = tmp_path_factory.mktemp("training") / "tok.model"
+    tokenizer.save(path)
+    return SMALL + [f"data.train={world}/train-*.tar", f"tokenizer.path={path}", "data.batch_size=4",
+                    "data.workers=0", "data.shuffle_buffer=16", "tasks.queue_size=8", "train.log_every=1",
+                    "train.lr=1e-3"]

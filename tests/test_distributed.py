@@ -28,14 +28,8 @@ def torchrun(run: Path, overrides: list[str], stage: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def overrides(world, tokenizer, tmp_path_factory):
-    from tests.test_engine import SMALL
-
-    path = tmp_path_factory.mktemp("dist") / "tok.model"
-    tokenizer.save(path)
-    return SMALL + [f"data.train={world}/train-*.tar", f"tokenizer.path={path}", "data.batch_size=4",
-                    "data.workers=0", "data.shuffle_buffer=16", "tasks.queue_size=8", "train.log_every=1",
-                    "train.warmup_steps=1", "train.lr=1e-3", "tasks.mode=sum"]
+def overrides(small_training_overrides):
+    return small_training_overrides + ["train.warmup_steps=1", "tasks.mode=sum"]
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,12 @@ from opt.engine.deepspeed_backend import fp32_state_dict
 from opt.engine.trainer import Trainer, TrainingStopped
 from opt.model.opt_model import OPTModel
 from opt.tasks.mixture import TaskMixture
-from tests.test_model import SMALL
 
 
 @pytest.fixture(scope="module")
-def train_overrides(world, tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("engine") / "tok.model"
-    tokenizer.save(path)
-    return SMALL + [f"data.train={world}/train-*.tar", f"tokenizer.path={path}", "data.batch_size=4",
-                    "data.workers=0", "data.shuffle_buffer=16", "tasks.queue_size=8", "train.log_every=1",
-                    "train.checkpoint_every=2", "train.warmup_steps=2", "train.lr=1e-3", "train.keep_checkpoints=5"]
+def train_overrides(small_training_overrides):
+    return small_training_overrides + ["train.checkpoint_every=2", "train.warmup_steps=2",
+                                       "train.keep_checkpoints=5"]
 
 
 def train(overrides, run, steps, resume="auto"):

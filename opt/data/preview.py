@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import textwrap
 from pathlib import Path
@@ -16,6 +15,7 @@ import soundfile as sf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from opt.data.samples import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: E402
+from opt.viz import save_figure  # noqa: E402
 
 
 def _first_samples(shards: list[str], count: int) -> list[dict]:
@@ -45,11 +45,4 @@ def preview_grid(shards: list[str], out: str | Path, *, count: int = 24, columns
         seconds = f"{sf.info(io.BytesIO(audio)).duration:.1f} s speech" if audio else "no audio"
         caption = sample.get("txt", b"").decode("utf-8", "replace")
         axis.set_title("\n".join(textwrap.wrap(caption, 26)[:4]) + f"\n[{seconds}]", fontsize=7)
-    figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, out)
-    return out
+    return save_figure(figure, out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from opt.errors import UserError  # noqa: E402
+from opt.viz import save_figure  # noqa: E402
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -51,10 +51,4 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
             axis.set_yscale("log")
         if len(keys) > 1:
             axis.legend(fontsize=7)
-    figure.tight_layout()
-    out = Path(out) if out else Path(run) / "curves.png"
-    tmp = out.with_name(out.name + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, out)
-    return out
+    return save_figure(figure, Path(out) if out else Path(run) / "curves.png")
