@@ -11,7 +11,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 WORLD := data/world
 DEMO_RUN := runs/demo
 
-.PHONY: demo test install bench-data bench-model clean-demo
+.PHONY: demo test install bench-data bench-model bench-train clean-demo
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ bench-data: $(STAMP)
 
 bench-model: $(STAMP)
 	$(BIN)/python scripts/bench_model.py
+
+bench-train: $(STAMP)
+	$(BIN)/python scripts/bench_train.py
 
 clean-demo:
 	rm -rf $(WORLD) data/tokenizer.model $(DEMO_RUN)
