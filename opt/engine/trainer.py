@@ -219,7 +219,8 @@ class Trainer:
             bar.update()
             window.add(metrics, len(batch["keys"]) * self.backend.world_size)
             last_loss |= {task: values["loss"] for task, values in metrics.items()}
-            bar.set_postfix({t: f"{v:.3f}" for t, v in last_loss.items()}, refresh=False)
+            bar.set_postfix({t: f"{v:.3f}" for t, v in last_loss.items()}
+                            | {"samples/s": f"{window.samples_per_second():.1f}"}, refresh=False)
             if self.step % config.log_every == 0 or self.step == config.steps:
                 record = {"step": self.step, "lr": self.backend.scheduler.get_last_lr()[0],
                           "samples_per_s": window.samples_per_second(), "loss": loss.item(),
