@@ -240,6 +240,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config key 'model.audio.front': {config.model.audio.front!r} is not logmel_conv or wav2vec2_conv")
     if config.model.audio.subsample not in (2, 4, 8):
         raise ConfigError(f"config key 'model.audio.subsample': must be 2, 4 or 8, got {config.model.audio.subsample}")
+    if config.model.vision.patch_size != 8:
+        raise ConfigError(f"config key 'model.vision.patch_size': must be 8, the VQ grid cell (masked vision "
+                          f"modelling predicts each patch's code), got {config.model.vision.patch_size}")
     if config.data.image_size % 8:
         raise ConfigError(f"config key 'data.image_size': must be a multiple of 8 (the VQ grid), got {config.data.image_size}")
     for name in ("vision", "text", "audio", "cross", "text_decoder", "image_decoder"):

@@ -40,6 +40,9 @@ def test_dotted_overrides_win_over_the_file():
     (["data.modalities=[text,video]"], "unknown modality 'video'"),
     (["train.precision=fp8"], "config key 'train.precision'"),
     (["data.batch_size=0"], "config key 'data.batch_size'"),
+    (["model.vision.patch_size=16"], "config key 'model.vision.patch_size'"),
+    (["model.cross.heads=5"], "not divisible by 5 heads"),
+    (["tasks.weights={mlm: 1, xyz: 1}"], "config key 'tasks.weights.xyz'"),
     (["novalue"], "must look like key.path=value"),
 ])
 def test_bad_overrides_are_one_line_errors_naming_the_key(overrides, message):

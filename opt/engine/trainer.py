@@ -31,6 +31,7 @@ from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import DeepSpeedBackend, init_distributed
 from opt.errors import UserError
 from opt.model.opt_model import ModelSpec, OPTModel
+from opt.model.vq import save_vq
 from opt.tasks.mixture import TaskMixture
 from opt.text.tokenizer import TextTokenizer
 
@@ -126,8 +127,6 @@ class Trainer:
         save_config(self.config, self.run / "config.yaml")
         self.tokenizer.save(self.run / "tokenizer.model")
         if not (self.run / "vq").is_dir():
-            from opt.model.vq import save_vq
-
             save_vq(self.model.vq, self.run / "vq")
 
     def _client_state(self) -> dict:
