@@ -42,8 +42,8 @@ class TextDecoding:
         targets = ids[:, 1:]
         keep = mask[:, 1:]
         loss = F.cross_entropy(logits[keep], targets[keep], label_smoothing=self.label_smoothing)
-        metrics = {"loss": loss.item(), "accuracy": accuracy(logits[keep], targets[keep]),
-                   f"accuracy_from_{'_'.join(sources)}": accuracy(logits[keep], targets[keep])}
+        token_accuracy = accuracy(logits[keep], targets[keep])
+        metrics = {"loss": loss.item(), "accuracy": token_accuracy, f"accuracy_from_{'_'.join(sources)}": token_accuracy}
         return TaskOutput(loss, metrics)
 
 
