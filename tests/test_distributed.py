@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from opt.cli import main
 from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import fp32_state_dict
+from opt.model.opt_model import OPTModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +52,6 @@ def test_zero_stages_with_two_processes_match_data_parallel(overrides, zero0, tm
         torch.testing.assert_close(result[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
     first = [json.loads(line) for line in (zero0 / "metrics.jsonl").read_text().splitlines()][0]
     assert first["samples_per_s"] > 0 and first["step"] == 1
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "model")]) == 0  # merges the ZeRO shards
+    exported = OPTModel.from_pretrained(tmp_path / "model").state_dict()
+    torch.testing.assert_close(exported["cross.cls"], result["cross.cls"], rtol=0, atol=0)
