@@ -9,6 +9,14 @@ from opt.config import Config, load_config
 DATA_HELP = "shards: a directory, a glob ('DIR/test-*.tar') or a brace pattern (DIR/train-{000000..000009}.tar)"
 
 
+def add_command_group(commands: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """A subcommand with its own required actions (``opt NAME ACTION ...``)."""
+    parser = commands.add_parser(name, help=help)
+    actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", parser_class=type(parser))
+    actions.required = True
+    return actions
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (defaults apply when omitted)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

@@ -7,14 +7,12 @@ import sys
 
 import yaml
 
-from opt.cli.common import add_config_arguments, config_from_args
+from opt.cli.common import add_command_group, add_config_arguments, config_from_args
 from opt.config import to_dict
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("config", help="inspect configurations")
-    sub = parser.add_subparsers(dest="config_command", metavar="ACTION", parser_class=type(parser))
-    sub.required = True
+    sub = add_command_group(commands, "config", "inspect configurations")
     show = sub.add_parser("show", help="print the config after defaults, file and overrides are merged")
     add_config_arguments(show)
     show.set_defaults(handler=show_config)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from opt.cli.common import DATA_HELP, add_config_arguments, config_from_args, non_negative_int, positive_int
+from opt.cli.common import (DATA_HELP, add_command_group, add_config_arguments, config_from_args, non_negative_int,
+                             positive_int)
 from opt.data.pipeline import BatchLoader
 from opt.data.preview import preview_grid
 from opt.data.shards import resolve_shards
@@ -14,9 +15,7 @@ from opt.text.tokenizer import TextTokenizer
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("data", help="datasets and shards")
-    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(parser))
-    sub.required = True
+    sub = add_command_group(commands, "data", "datasets and shards")
 
     synth = sub.add_parser("synth", help="generate the synthetic tri-modal world as webdataset shards")
     synth.add_argument("--out", required=True, help="output directory")

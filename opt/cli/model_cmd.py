@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from opt.cli.common import DATA_HELP, add_config_arguments, config_from_args
+from opt.cli.common import DATA_HELP, add_command_group, add_config_arguments, config_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    vq = commands.add_parser("vq", help="the VQ image tokenizer")
-    vq_sub = vq.add_subparsers(dest="vq_command", metavar="ACTION", parser_class=type(vq))
-    vq_sub.required = True
+    vq_sub = add_command_group(commands, "vq", "the VQ image tokenizer")
     train = vq_sub.add_parser("train", help="train the VQ image tokenizer on shard images")
     train.add_argument("--data", required=True, help=DATA_HELP)
     train.add_argument("--val", help="validation shards for PSNR and codebook usage (default: a few training batches)")
@@ -18,9 +16,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_config_arguments(train)
     train.set_defaults(handler=run_vq_train)
 
-    model = commands.add_parser("model", help="inspect the model")
-    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", parser_class=type(model))
-    model_sub.required = True
+    model_sub = add_command_group(commands, "model", "inspect the model")
     summary = model_sub.add_parser("summary", help="parameters per part and FLOPs per sample of a training step")
     add_config_arguments(summary)
     summary.set_defaults(handler=run_summary)

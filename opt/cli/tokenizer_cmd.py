@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from opt.cli.common import DATA_HELP, positive_int
+from opt.cli.common import DATA_HELP, add_command_group, positive_int
 from opt.data.shards import resolve_shards
 from opt.text.tokenizer import iter_shard_captions, train_tokenizer
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("tokenizer", help="text tokenizer")
-    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=type(parser))
-    sub.required = True
+    sub = add_command_group(commands, "tokenizer", "text tokenizer")
     train = sub.add_parser("train", help="train a SentencePiece tokenizer (byte fallback) on captions")
     train.add_argument("--data", required=True, help=DATA_HELP)
     train.add_argument("--out", required=True, help="output model file, e.g. tok.model")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from opt.config import Config
 from opt.data.pipeline import BatchLoader
+from opt.files import write_atomic
 from opt.model.vq import VQTokenizer, codebook_usage, psnr, reconstruction_loss, save_vq
 from opt.viz import save_image_grid
 
@@ -84,5 +85,5 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
     save_image_grid(list(originals[:count]) + list(reconstructions[:count]), out / "reconstructions.png",
                     columns=count, row_labels=["original", "VQ"])
     metrics |= {"steps": settings.steps, "codebook_size": model.codebook_size, "data_stats": loader.stats.summary()}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics

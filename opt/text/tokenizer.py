@@ -16,6 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from opt.errors import UserError
+from opt.files import write_atomic
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MASK, CLS, SEP = "[MASK]", "[CLS]", "[SEP]"
@@ -50,7 +51,7 @@ class TextTokenizer:
             raise UserError(f"not a SentencePiece model: {path}") from None
 
     def save(self, path: str | Path) -> None:
-        _write_atomic(Path(path), self._proto)
+        write_atomic(path, self._proto)
 
     @property
     def vocab_size(self) -> int:
@@ -130,9 +131,3 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, *, vocab_size: int = 
     tokenizer.save(out)
     return tokenizer
 
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)

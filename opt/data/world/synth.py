@@ -31,6 +31,7 @@ from opt.data.world.facts import held_out_pairs, sample_scene
 from opt.data.world.render import render
 from opt.data.world.speech import Speaker, Voice
 from opt.errors import UserError
+from opt.files import write_atomic
 
 GENERATOR_VERSION = "1.0"
 SPLITS = ("train", "val", "test", "test_novel")
@@ -155,7 +156,8 @@ def synthesize_world(out: str | Path, counts: dict[str, int], *, seed: int = 0, 
     }
     _check_existing(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / "manifest.json", manifest)  # written first so a resumed run can check it
+    # written first, so that a resumed run can check it
+    write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     todo = [job for job in jobs if not os.path.isfile(job.path)]
     total = sum(job.stop - job.start for job in todo)
     with tqdm(total=total, unit="sample", desc="synth", disable=not progress) as bar:
@@ -165,8 +167,3 @@ def synthesize_world(out: str | Path, counts: dict[str, int], *, seed: int = 0, 
                     bar.update(done)
     return manifest
 
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
