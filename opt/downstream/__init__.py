@@ -1,0 +1,1 @@
+"""Downstream evaluation: scoring what a trained model generates or predicts."""
