@@ -1,4 +1,4 @@
-"""``opt data ...``: make the synthetic world, check shards, preview them."""
+"""``opt data ...``: make the synthetic world, convert real corpora, clean, check and preview shards."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 
 from opt.cli.common import (DATA_HELP, add_command_group, add_config_arguments, config_from_args, non_negative_int,
                              positive_int)
+from opt.data.convert import convert_localized_narratives, convert_manifest
+from opt.data.convert.common import summary_line
 from opt.data.pipeline import BatchLoader
 from opt.data.preview import preview_grid
 from opt.data.shards import resolve_shards
@@ -40,6 +42,29 @@ def register(commands: argparse._SubParsersAction) -> None:
     preview.add_argument("--count", type=positive_int, default=24, help="samples to show (default 24)")
     preview.set_defaults(handler=run_preview)
 
+    narratives = sub.add_parser("localized-narratives",
+                                help="Open Images + Localized Narratives (jsonl, jpg, ogg) to shards")
+    narratives.add_argument("--annotations", required=True, help="annotation files, comma-separated (FILE.jsonl,...)")
+    narratives.add_argument("--images", required=True, help="folder of IMAGE_ID.jpg files (sub-folders are searched)")
+    narratives.add_argument("--audio", required=True, help="folder of the voice recordings (.ogg)")
+    narratives.add_argument("--max-audio-seconds", type=float, default=10.0,
+                            help="cut longer narrations at an utterance boundary; 0 keeps them whole (default 10)")
+    _add_conversion_arguments(narratives)
+    narratives.set_defaults(handler=run_localized_narratives)
+
+    manifest = sub.add_parser("manifest", help="a jsonl or csv manifest of image, text, audio to shards")
+    manifest.add_argument("--manifest", required=True, help="FILE.jsonl or FILE.csv with image, text, audio")
+    manifest.add_argument("--root", help="folder the image and audio paths are relative to (default: the manifest's)")
+    _add_conversion_arguments(manifest)
+    manifest.set_defaults(handler=run_manifest)
+
+
+def _add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
+    parser.add_argument("--prefix", default="train", help="shard name prefix, e.g. train or val (default train)")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="input rows per shard (default 1000)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")
+
 
 def run_synth(args: argparse.Namespace) -> None:
     counts = {"train": args.train, "val": args.val, "test": args.test, "test_novel": args.test_novel}
@@ -63,3 +88,24 @@ def run_check(args: argparse.Namespace) -> None:
 
 def run_preview(args: argparse.Namespace) -> None:
     print(f"preview: {preview_grid(resolve_shards(args.data), args.out, count=args.count)}")
+
+
+def run_localized_narratives(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    summary = convert_localized_narratives(
+        [path for path in args.annotations.split(",") if path], images=args.images, audio=args.audio, out=args.out,
+        prefix=args.prefix, shard_size=args.shard_size, workers=args.workers,
+        max_audio_seconds=args.max_audio_seconds)
+    _print_conversion(summary, args, time.perf_counter() - start)
+
+
+def run_manifest(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    summary = convert_manifest(args.manifest, out=args.out, root=args.root, prefix=args.prefix,
+                               shard_size=args.shard_size, workers=args.workers)
+    _print_conversion(summary, args, time.perf_counter() - start)
+
+
+def _print_conversion(summary: dict, args: argparse.Namespace, seconds: float) -> None:
+    print(f"{summary_line(summary)} ({seconds:.1f} s)")
+    print(f"summary: {args.out}/{args.prefix}-summary.json")

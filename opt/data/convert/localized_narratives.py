@@ -1,0 +1,165 @@
+"""Open Images (or COCO, Flickr30k, ADE20k) + Localized Narratives -> tri-modal shards.
+
+Input: the published annotation files, one JSON object per line::
+
+    {"dataset_id": "open_images", "image_id": "0a1b2c3d4e5f6a7b", "annotator_id": 93,
+     "caption": "In this image we can see ...",
+     "timed_caption": [{"utterance": "In this image", "start_time": 0.0, "end_time": 1.2}, ...],
+     "traces": [[{"x": 0.1, "y": 0.2, "t": 0.5}, ...]],
+     "voice_recording": "open_images_train/open_images_train_0a1b2c3d4e5f6a7b_93.ogg"}
+
+The image is ``IMAGE_ID.jpg`` in the images directory, or anywhere below it
+(an index of nested ``.jpg`` files is built once per worker, only when a
+direct look-up misses); the recording is the ``voice_recording`` path under the
+audio directory, or its basename there.
+
+Output sample: the image (original bytes when valid), the transcript (``.txt``),
+the speech (16 kHz 16-bit FLAC) and ``.json`` metadata: source ids, the input
+row, image size, durations and the kept ``timed_caption``. Mouse traces are not
+kept. A narration longer than ``max_audio_seconds`` is cut at the end of its
+last utterance that ends in time, and the transcript becomes the kept
+utterances, so speech and text still match; one that cannot be cut that way
+(no timing, or a first utterance that is already too long) is skipped as
+``narration_uncuttable``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from opt.data.convert.common import Sample, convert_to_shards
+from opt.data.convert.media import SAMPLE_RATE, Skip, encode_flac, inside, read_image, read_speech
+from opt.data.convert.rows import JsonLines, Row
+from opt.errors import UserError
+
+STRING_FIELDS = ("dataset_id", "image_id", "caption", "voice_recording")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    utterance: str
+    start_time: float
+    end_time: float
+
+
+def parse_timed_caption(value: object) -> list[Utterance]:
+    """The ``timed_caption`` list; :class:`Skip` (``row_invalid``) if it is malformed."""
+    if value is None:
+        return []
+    try:
+        return [Utterance(str(u["utterance"]), float(u["start_time"]), float(u["end_time"])) for u in value]
+    except (TypeError, KeyError, ValueError):
+        raise Skip("row_invalid", "malformed timed_caption") from None
+
+
+def cut_narration(wave: np.ndarray, caption: str, timed: list[Utterance],
+                  max_seconds: float) -> tuple[np.ndarray, str, list[Utterance], bool]:
+    """Cut speech longer than ``max_seconds`` (0: no limit) at an utterance boundary.
+
+    Returns the speech, the transcript, the kept utterances and whether it was cut.
+    """
+    if max_seconds <= 0 or len(wave) <= max_seconds * SAMPLE_RATE:
+        return wave, caption, timed, False
+    kept = []
+    for utterance in timed:
+        if utterance.end_time > max_seconds:
+            break
+        kept.append(utterance)
+    text = " ".join(u.utterance.strip() for u in kept if u.utterance.strip())
+    if not text:
+        raise Skip("narration_uncuttable", f"{len(wave) / SAMPLE_RATE:.1f} s without an utterance that ends "
+                                           f"within {max_seconds:g} s")
+    return wave[: round(kept[-1].end_time * SAMPLE_RATE)], text, kept, True
+
+
+@dataclass
+class LocalizedNarratives:
+    """Converter of one Localized Narratives row (see the module docstring)."""
+
+    images: Path
+    audio: Path
+    max_audio_seconds: float = 10.0
+    _nested: dict[str, Path] | None = field(default=None, init=False, repr=False)
+
+    def __call__(self, row: Row) -> Sample:
+        fields = row.fields
+        for name in STRING_FIELDS:
+            if not isinstance(fields.get(name), str):
+                raise Skip("row_invalid", f"{name} missing or not a string")
+        if not isinstance(fields.get("annotator_id"), int | str):
+            raise Skip("row_invalid", "annotator_id missing")
+        caption = fields["caption"].strip()
+        if not caption:
+            raise Skip("caption_empty", fields["image_id"])
+        timed = parse_timed_caption(fields.get("timed_caption"))
+        extension, image, image_meta = read_image(self.find_image(fields["image_id"]))
+        wave, seconds = read_speech(self.find_audio(fields["voice_recording"]))
+        wave, text, kept, cut = cut_narration(wave, caption, timed, self.max_audio_seconds)
+        meta = {
+            "source": "localized_narratives",
+            "row": row.source,
+            **{name: fields[name] for name in ("dataset_id", "image_id", "annotator_id", "voice_recording")},
+            **image_meta,
+            "audio_seconds": round(len(wave) / SAMPLE_RATE, 3),
+            "original_audio_seconds": round(seconds, 3),
+            "narration_cut": cut,
+            "timed_caption": [vars(u) for u in kept],
+        }
+        members = {extension: image, "txt": text.encode("utf-8"), "flac": encode_flac(wave),
+                   "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+        return Sample(members, ["narration_cut"] if cut else [])
+
+    def find_image(self, image_id: str) -> Path:
+        direct = inside(self.images, f"{image_id}.jpg")
+        if direct.is_file():
+            return direct
+        if self._nested is None:
+            self._nested = _jpeg_index(self.images)
+        if image_id not in self._nested:
+            raise Skip("image_missing", f"{image_id}.jpg")
+        return self._nested[image_id]
+
+    def find_audio(self, recording: str) -> Path:
+        path = inside(self.audio, recording)
+        if path.is_file():
+            return path
+        return self.audio / path.name
+
+
+def _jpeg_index(root: Path) -> dict[str, Path]:
+    """``{stem: path}`` of every ``.jpg`` below ``root``; the first in sorted walk order wins."""
+    index: dict[str, Path] = {}
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories.sort()
+        for name in sorted(files):
+            if name.endswith(".jpg"):
+                index.setdefault(name[:-4], Path(directory) / name)
+    return index
+
+
+def _directory(path: str | Path, option: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{option}: no such directory: {path}")
+    return path
+
+
+def convert_localized_narratives(annotations: list[str], *, images: str | Path, audio: str | Path, out: str | Path,
+                                 prefix: str = "train", shard_size: int = 1000, workers: int = 1,
+                                 max_audio_seconds: float = 10.0, progress: bool = True) -> dict:
+    """Convert Localized Narratives annotation files into ``out``; returns the summary
+    (see :mod:`opt.data.convert.common`)."""
+    if max_audio_seconds < 0:
+        raise UserError(f"--max-audio-seconds must be >= 0, got {max_audio_seconds}")
+    if not annotations:
+        raise UserError("--annotations names no file")
+    converter = LocalizedNarratives(_directory(images, "--images"), _directory(audio, "--audio"), max_audio_seconds)
+    return convert_to_shards(converter, name="localized_narratives", inputs=[str(a) for a in annotations],
+                             rows=JsonLines(), out=out, prefix=prefix, shard_size=shard_size, workers=workers,
+                             options={"max_audio_seconds": max_audio_seconds, "sample_rate": SAMPLE_RATE},
+                             progress=progress)

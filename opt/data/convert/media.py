@@ -1,0 +1,114 @@
+"""Read the media files a row names: safe paths, verified images, speech at 16 kHz.
+
+Every problem is a :class:`Skip` whose ``reason`` is the counter name in the
+conversion summary (``image_missing``, ``audio_corrupt``, ``path_escapes`` ...).
+
+* Paths: a path from an input file is joined to its root and normalised; one
+  that lands outside the root (``..``, an absolute path elsewhere) is refused
+  as ``path_escapes`` before anything is opened. The check is lexical: symbolic
+  links the user placed inside a root are followed.
+* Images: fully decoded with PIL to prove they are whole; JPEG, PNG and WebP
+  keep their original bytes, any other format is re-encoded to JPEG (quality 95).
+  The original size is returned for the metadata; size filters belong to cleaning.
+* Speech: read with soundfile (wav, flac, ogg), down-mixed to mono, resampled to
+  16 kHz with ``torchaudio.functional.resample`` and stored as 16-bit FLAC,
+  which the training pipeline reads back.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from PIL import Image
+
+from opt.data.audio import AudioDecodeError, decode_audio
+
+SAMPLE_RATE = 16000
+KEPT_IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> shard extension
+
+
+class Skip(Exception):
+    """This row gives no sample; ``reason`` is a counter name, ``detail`` says more."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def inside(root: Path, relative: str) -> Path:
+    """``root / relative`` normalised; :class:`Skip` (``path_escapes``) if it leaves ``root``."""
+    if "\x00" in relative:
+        raise Skip("path_escapes", repr(relative))
+    base = os.path.abspath(root)
+    candidate = os.path.normpath(os.path.join(base, relative))
+    if os.path.commonpath([base, candidate]) != base:
+        raise Skip("path_escapes", relative)
+    return Path(candidate)
+
+
+def read_file(path: Path, modality: str) -> bytes:
+    """The bytes of ``path``; :class:`Skip` ``<modality>_missing`` / ``_unreadable`` / ``_empty``."""
+    try:
+        payload = path.read_bytes()
+    except FileNotFoundError:
+        raise Skip(f"{modality}_missing", path.name) from None
+    except OSError as error:
+        raise Skip(f"{modality}_unreadable", f"{path.name}: {error.strerror or error}") from None
+    if not payload:
+        raise Skip(f"{modality}_empty", path.name)
+    return payload
+
+
+def read_image(path: Path) -> tuple[str, bytes, dict]:
+    """A verified image: its shard extension, its bytes and ``{"image_size": [w, h], "image_format": ...}``."""
+    payload = read_file(path, "image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(payload))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Skip("image_too_large", path.name) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise Skip("image_corrupt", f"{path.name}: {error}") from None
+    meta = {"image_size": list(image.size), "image_format": image.format}
+    extension = KEPT_IMAGE_FORMATS.get(image.format)
+    if extension is None:
+        encoded = io.BytesIO()
+        image.convert("RGB").save(encoded, format="JPEG", quality=95)
+        extension, payload = "jpg", encoded.getvalue()
+    return extension, payload, meta
+
+
+def read_speech(path: Path) -> tuple[np.ndarray, float]:
+    """Mono float32 speech at 16 kHz and the file's duration in seconds."""
+    payload = read_file(path, "audio")
+    try:
+        channels, rate = decode_audio(payload)
+    except AudioDecodeError as error:
+        message = re.sub(r"^Error opening <[^>]*>: ", "", str(error))  # no memory addresses in the summary
+        raise Skip("audio_corrupt", f"{path.name}: {message}") from None
+    if channels.shape[1] == 0:
+        raise Skip("audio_empty", path.name)
+    wave = np.ascontiguousarray(channels.mean(axis=0))
+    if rate != SAMPLE_RATE:
+        wave = AF.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
+    if not np.isfinite(wave).all():
+        raise Skip("audio_corrupt", f"{path.name}: non-finite samples")
+    return wave, channels.shape[1] / rate
+
+
+def encode_flac(wave: np.ndarray) -> bytes:
+    """16-bit FLAC bytes of a mono 16 kHz waveform in [-1, 1]."""
+    encoded = io.BytesIO()
+    sf.write(encoded, np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return encoded.getvalue()
