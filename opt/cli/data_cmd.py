@@ -7,12 +7,14 @@ import time
 
 from opt.cli.common import (DATA_HELP, add_command_group, add_config_arguments, config_from_args, non_negative_int,
                              positive_int)
+from opt.data.clean import FILTERS, CleanSettings, clean_shards, load_boilerplate
 from opt.data.convert import convert_localized_narratives, convert_manifest
 from opt.data.convert.common import summary_line
 from opt.data.pipeline import BatchLoader
 from opt.data.preview import preview_grid
 from opt.data.shards import resolve_shards
 from opt.data.world.synth import synthesize_world
+from opt.downstream.similarity import PAIRS, TowerSimilarity
 from opt.text.tokenizer import TextTokenizer
 
 
@@ -57,6 +59,27 @@ def register(commands: argparse._SubParsersAction) -> None:
     manifest.add_argument("--root", help="folder the image and audio paths are relative to (default: the manifest's)")
     _add_conversion_arguments(manifest)
     manifest.set_defaults(handler=run_manifest)
+
+    clean = sub.add_parser("clean", help="filter shards (image size, text, duplicates, model similarity)")
+    clean.add_argument("--data", required=True, help=DATA_HELP)
+    clean.add_argument("--out", required=True, help="output directory (shards keep their names; clean-report.json)")
+    defaults = CleanSettings()
+    clean.add_argument("--require", default="", help="modalities a sample must have, comma-separated (default none)")
+    clean.add_argument("--min-image-size", type=non_negative_int, default=defaults.min_image_size,
+                       help=f"shorter image side in pixels; 0 disables (default {defaults.min_image_size})")
+    clean.add_argument("--min-words", type=non_negative_int, default=defaults.min_words,
+                       help=f"fewest caption words (default {defaults.min_words})")
+    clean.add_argument("--max-words", type=non_negative_int, default=defaults.max_words,
+                       help=f"most caption words; 0 disables (default {defaults.max_words})")
+    clean.add_argument("--boilerplate", help="file of boilerplate regexes, one a line (default: a built-in list)")
+    clean.add_argument("--keep-duplicates", action="store_true", help="do not drop exact duplicate samples")
+    clean.add_argument("--similarity-model", help="model directory (opt export); enables the similarity filter")
+    clean.add_argument("--similarity-pair", choices=sorted(PAIRS), default="image-text",
+                       help="what the similarity filter compares (default image-text)")
+    clean.add_argument("--min-similarity", type=float, default=defaults.min_similarity,
+                       help=f"drop pairs whose cosine similarity is lower (default {defaults.min_similarity})")
+    clean.add_argument("--device", default="cpu", help="device of the similarity model (default cpu)")
+    clean.set_defaults(handler=run_clean)
 
 
 def _add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,3 +132,21 @@ def run_manifest(args: argparse.Namespace) -> None:
 def _print_conversion(summary: dict, args: argparse.Namespace, seconds: float) -> None:
     print(f"{summary_line(summary)} ({seconds:.1f} s)")
     print(f"summary: {args.out}/{args.prefix}-summary.json")
+
+
+def run_clean(args: argparse.Namespace) -> None:
+    settings = CleanSettings(require=[m for m in args.require.split(",") if m], min_image_size=args.min_image_size,
+                             min_words=args.min_words, max_words=args.max_words,
+                             deduplicate=not args.keep_duplicates, min_similarity=args.min_similarity,
+                             similarity_pair=list(PAIRS[args.similarity_pair]))
+    if args.boilerplate:
+        settings.boilerplate = load_boilerplate(args.boilerplate)
+    scorer = None
+    if args.similarity_model:
+        scorer = TowerSimilarity.from_pretrained(args.similarity_model, pair=PAIRS[args.similarity_pair],
+                                                 batch_size=settings.batch_size, device=args.device)
+    report = clean_shards(resolve_shards(args.data), args.out, settings, scorer=scorer)
+    print(f"clean: {report['samples_in']} samples in, {report['samples_out']} out")
+    for name in FILTERS:
+        print(f"  {name:<18} {report['removed'][name]:>8}")
+    print(f"report: {args.out}/clean-report.json")
