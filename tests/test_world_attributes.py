@@ -89,6 +89,8 @@ def test_a_partial_caption_gets_partial_credit():
 def test_malformed_captions_with_synonyms_and_extra_words_are_read():
     assert score_caption("A big, RED circle... sits in the middle!!", one_object(size="large", position="center")) \
         == {"size": 1.0, "color": 1.0, "shape": 1.0, "position_or_relation": 1.0, "overall": 1.0, "count": 1.0}
+    assert parse_caption("a red circle on top of a blue star")["relation"] == "above"
+    assert parse_caption("a red circle at the top of the picture")["objects"][0]["position"] == "top"
     above = parse_caption("above a blue star there is a red circle")
     assert above["relation"] == "below" and above["objects"][0]["shape"] == "star"
 

@@ -9,9 +9,9 @@ parsing is a tolerant left-to-right scan of the words, never a grammar:
 - a few synonyms and plurals are read as the world's words ("big" -> large,
   "circles" -> circle, "centre" / "middle" -> center);
 - "left of" / "right of" / "above" / "below" (also "on top of", "under") is
-  a relation; it relates the object before it to the object after it and is
-  stored, as in ``KEY.json``, as where ``objects[0]`` lies relative to
-  ``objects[1]``;
+  a relation ("at the top of the picture" stays a position); it relates the
+  object before it to the object after it and is stored, as in ``KEY.json``,
+  as where ``objects[0]`` lies relative to ``objects[1]``;
 - a lone "left", "right", "top", "bottom" or "center" is a position and goes
   to the object nearest to it in the sentence.
 
@@ -63,7 +63,7 @@ def _relation_at(words: list[str], i: int) -> str | None:
     following = words[i + 1] if i + 1 < len(words) else None
     if word in ("left", "right") and following == "of":
         return f"{word} of"
-    if word == "top" and following == "of":
+    if word == "top" and following == "of" and i > 0 and words[i - 1] == "on":
         return "above"
     if word in ("above", "below"):
         return word
