@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from opt.cli import main
-from opt.data.clean import FILTERS, CleanSettings, clean_shards, load_boilerplate, read_shard
+from opt.data.clean import FILTERS, CleanSettings, clean_shards, load_boilerplate, read_shard, report_name
 from opt.data.shards import ShardWriter
 from opt.downstream.similarity import TowerSimilarity
 from opt.errors import UserError
@@ -94,7 +94,7 @@ def test_each_filter_removes_exactly_its_samples(tmp_path):
     assert report["examples"]["image_too_small"][0]["detail"] == "30x100 px"
     assert report["examples"]["duplicate"][1] == {"key": "k12", "shard": "train-000001.tar", "text": CAPTION,
                                                   "detail": "same content as k00"}
-    assert json.loads((tmp_path / "out" / "clean-report.json").read_text()) == report
+    assert json.loads((tmp_path / "out" / "train-clean-report.json").read_text()) == report
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
 
 
@@ -140,6 +140,11 @@ def test_boilerplate_patterns_from_a_file(tmp_path):
     assert [e["key"] for e in report["examples"]["text_boilerplate"]] == ["k00", "k08", "k12", "k13"]
     with pytest.raises(UserError, match="bad boilerplate pattern"):
         clean_shards([], tmp_path / "out2", CleanSettings(boilerplate=["(unclosed"]), progress=False)
+
+
+def test_report_is_named_after_the_shard_prefix():
+    assert report_name(["val-000000.tar", "val-000001.tar"]) == "val-clean-report.json"
+    assert report_name(["val-000000.tar", "train-000000.tar"]) == report_name(["x.tar"]) == "clean-report.json"
 
 
 def test_cleaning_into_the_input_directory_is_refused(tmp_path):

@@ -7,7 +7,7 @@ import time
 
 from opt.cli.common import (DATA_HELP, add_command_group, add_config_arguments, config_from_args, non_negative_int,
                              positive_int)
-from opt.data.clean import FILTERS, CleanSettings, clean_shards, load_boilerplate
+from opt.data.clean import FILTERS, CleanSettings, clean_shards, load_boilerplate, report_name
 from opt.data.convert import convert_localized_narratives, convert_manifest
 from opt.data.convert.common import summary_line
 from opt.data.pipeline import BatchLoader
@@ -62,7 +62,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     clean = sub.add_parser("clean", help="filter shards (image size, text, duplicates, model similarity)")
     clean.add_argument("--data", required=True, help=DATA_HELP)
-    clean.add_argument("--out", required=True, help="output directory (shards keep their names; clean-report.json)")
+    clean.add_argument("--out", required=True, help="output directory (shards keep their names; PREFIX-clean-report.json)")
     defaults = CleanSettings()
     clean.add_argument("--require", default="", help="modalities a sample must have, comma-separated (default none)")
     clean.add_argument("--min-image-size", type=non_negative_int, default=defaults.min_image_size,
@@ -149,4 +149,4 @@ def run_clean(args: argparse.Namespace) -> None:
     print(f"clean: {report['samples_in']} samples in, {report['samples_out']} out")
     for name in FILTERS:
         print(f"  {name:<18} {report['removed'][name]:>8}")
-    print(f"report: {args.out}/clean-report.json")
+    print(f"report: {args.out}/{report_name(report['shards'])}")

@@ -22,8 +22,9 @@ Checks on a modality apply only to samples that have it. The similarity filter
 takes any callable that scores a list of raw samples (``None`` where the pair is
 incomplete, such samples are kept), so this module never imports the model;
 :mod:`opt.downstream.similarity` provides one from a trained model. Output
-shards keep the input shard names; ``OUT/clean-report.json`` holds the counts,
-a few examples per filter and the settings.
+shards keep the input shard names; the report (``OUT/PREFIX-clean-report.json``
+for shards named ``PREFIX-NNNNNN.tar``, else ``OUT/clean-report.json``) holds
+the counts, a few examples per filter and the settings.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ DEFAULT_BOILERPLATE = (
     r"lorem ipsum",
     r"https?://|www\.",
 )
+_SHARD_NAME = re.compile(r"^(.+)-\d+\.tar$")
 FILTERS = ("missing_modality", "image_unreadable", "image_too_small", "text_unreadable", "text_empty",
            "text_too_short", "text_too_long", "text_boilerplate", "duplicate", "low_similarity")
 
@@ -259,7 +261,7 @@ def read_shard(path: str) -> Iterator[dict]:
 def clean_shards(shards: list[str], out: str | Path, settings: CleanSettings, *, scorer: Scorer | None = None,
                  progress: bool = True) -> dict:
     """Write the samples of ``shards`` that pass the filters into ``out`` (same shard names);
-    return the report, also written to ``out/clean-report.json``."""
+    return the report, also written to ``out`` (see :func:`report_name`)."""
     out = Path(out)
     names = [Path(shard).name for shard in shards]
     if len(set(names)) != len(names):
@@ -272,5 +274,13 @@ def clean_shards(shards: list[str], out: str | Path, settings: CleanSettings, *,
             for sample in cleaner.clean(read_shard(shard)):
                 writer.write(sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")})
     report = cleaner.report() | {"shards": names}
-    write_atomic(out / "clean-report.json", (json.dumps(report, indent=1) + "\n").encode())
+    write_atomic(out / report_name(names), (json.dumps(report, indent=1) + "\n").encode())
     return report
+
+
+def report_name(shard_names: list[str]) -> str:
+    """``PREFIX-clean-report.json`` when every shard is ``PREFIX-NNNNNN.tar`` (train and val
+    cleaned into one directory keep separate reports), else ``clean-report.json``."""
+    prefixes = {match.group(1) if (match := _SHARD_NAME.match(name)) else None for name in shard_names}
+    prefix = prefixes.pop() if len(prefixes) == 1 else None
+    return f"{prefix}-clean-report.json" if prefix else "clean-report.json"
