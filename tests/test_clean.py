@@ -88,6 +88,7 @@ def test_each_filter_removes_exactly_its_samples(tmp_path):
     report = clean_shards(shards, tmp_path / "out", CleanSettings(**SETTINGS), progress=False)
     assert kept_keys(tmp_path / "out") == KEPT
     assert report["samples_in"] == 15 and report["samples_out"] == len(KEPT)
+    assert report["similarity_filter"] is False
     assert report["removed"] == {name: len(REMOVED.get(name, [])) for name in FILTERS}
     for name, keys in REMOVED.items():
         assert [example["key"] for example in report["examples"][name]] == keys

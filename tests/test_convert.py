@@ -307,3 +307,14 @@ def test_cli_converts_a_manifest(tmp_path, capsys):
     assert "1 rows -> 1 samples" in out and (tmp_path / "out" / "train-000000.tar").is_file()
     with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
         assert tar.getnames() == ["train_000000000.png", "train_000000000.txt", "train_000000000.json"]
+
+
+def test_cli_converts_localized_narratives_like_the_library(converted, corpus, tmp_path, capsys):
+    reference, summary = converted
+    annotations, images, audio = corpus
+    argv = ["data", "localized-narratives", "--annotations", ",".join(map(str, annotations)), "--images", str(images),
+            "--audio", str(audio), "--out", str(tmp_path), "--shard-size", "4", "--max-audio-seconds", "2.5"]
+    assert main(argv) == 0
+    assert "20 rows -> 9 samples in 5 shards; skipped 11 (audio_corrupt: 1," in capsys.readouterr().out
+    assert json.loads((tmp_path / "train-summary.json").read_text()) == summary
+    assert shard_bytes(tmp_path) == shard_bytes(reference)

@@ -14,7 +14,6 @@ from opt.data.pipeline import BatchLoader
 from opt.data.preview import preview_grid
 from opt.data.shards import resolve_shards
 from opt.data.world.synth import synthesize_world
-from opt.downstream.similarity import PAIRS, TowerSimilarity
 from opt.text.tokenizer import TextTokenizer
 
 
@@ -74,7 +73,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     clean.add_argument("--boilerplate", help="file of boilerplate regexes, one a line (default: a built-in list)")
     clean.add_argument("--keep-duplicates", action="store_true", help="do not drop exact duplicate samples")
     clean.add_argument("--similarity-model", help="model directory (opt export); enables the similarity filter")
-    clean.add_argument("--similarity-pair", choices=sorted(PAIRS), default="image-text",
+    clean.add_argument("--similarity-pair", choices=("image-text", "audio-text"), default="image-text",
                        help="what the similarity filter compares (default image-text)")
     clean.add_argument("--min-similarity", type=float, default=defaults.min_similarity,
                        help=f"drop pairs whose cosine similarity is lower (default {defaults.min_similarity})")
@@ -138,12 +137,14 @@ def run_clean(args: argparse.Namespace) -> None:
     settings = CleanSettings(require=[m for m in args.require.split(",") if m], min_image_size=args.min_image_size,
                              min_words=args.min_words, max_words=args.max_words,
                              deduplicate=not args.keep_duplicates, min_similarity=args.min_similarity,
-                             similarity_pair=list(PAIRS[args.similarity_pair]))
+                             similarity_pair=args.similarity_pair.split("-"))
     if args.boilerplate:
         settings.boilerplate = load_boilerplate(args.boilerplate)
     scorer = None
     if args.similarity_model:
-        scorer = TowerSimilarity.from_pretrained(args.similarity_model, pair=PAIRS[args.similarity_pair],
+        from opt.downstream.similarity import TowerSimilarity  # the model is imported only when needed
+
+        scorer = TowerSimilarity.from_pretrained(args.similarity_model, pair=tuple(settings.similarity_pair),
                                                  batch_size=settings.batch_size, device=args.device)
     report = clean_shards(resolve_shards(args.data), args.out, settings, scorer=scorer)
     print(f"clean: {report['samples_in']} samples in, {report['samples_out']} out")

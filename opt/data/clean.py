@@ -154,7 +154,8 @@ class Cleaner:
 
     def report(self) -> dict:
         return {"samples_in": self.samples_in, "samples_out": self.samples_out, "removed": self.removed,
-                "examples": self.examples, "settings": dataclasses.asdict(self.settings)}
+                "examples": self.examples, "settings": dataclasses.asdict(self.settings),
+                "similarity_filter": self.scorer is not None}
 
     def _keep(self, samples: list[dict]) -> Iterator[dict]:
         self.samples_out += len(samples)

@@ -26,8 +26,6 @@ from opt.errors import UserError
 from opt.model.opt_model import OPTModel
 from opt.text.tokenizer import TextTokenizer
 
-PAIRS = {"image-text": ("image", "text"), "audio-text": ("audio", "text")}
-
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: _to_device(v, device) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v

@@ -82,7 +82,6 @@ class JsonLines:
 
     def read(self, segment: Segment) -> Iterator[tuple[int, dict | None, str]]:
         """``(line, fields, problem)`` for the segment's rows."""
-        name = Path(segment.path).name
         with _open(segment.path) as file:
             file.seek(segment.offset)
             number, done = segment.line, 0
@@ -91,11 +90,11 @@ class JsonLines:
                     break
                 if raw.strip():
                     done += 1
-                    yield number, *_parse_json(raw, name)
+                    yield number, *_parse_json(raw)
                 number += 1
 
 
-def _parse_json(raw: bytes, name: str) -> tuple[dict | None, str]:
+def _parse_json(raw: bytes) -> tuple[dict | None, str]:
     try:
         value = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as error:
