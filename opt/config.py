@@ -64,12 +64,16 @@ class VQConfig:
     dead_code_threshold: float = 1.0  # codes whose EMA usage falls below this are restarted from the batch
 
 
+POOLING = ("mean", "max")
+
+
 @dataclass
 class VisionConfig:
     patch_size: int = 8  # ViT patch side in pixels (8 at 64 px = the VQ grid)
     layers: int = 2  # transformer blocks
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
+    pool: str = "mean"  # two-tower pooling over patches: mean | max (max finds small objects on a plain background)
     pretrained_path: str | None = None  # optional local timm weights (.safetensors or .pth state dict)
 
 
@@ -88,6 +92,7 @@ class AudioEncoderConfig:
     layers: int = 2  # transformer blocks
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
+    pool: str = "mean"  # two-tower pooling over real frames: mean | max
 
 
 @dataclass
@@ -156,6 +161,7 @@ class TasksConfig:
     mam_rate: float = 0.15  # audio frames hidden; the true frame is found among in-batch negatives
     mam_temperature: float = 0.1  # InfoNCE temperature of masked audio modelling
     condition_dropout: float = 0.1  # image decoding: conditions replaced by the null context (guidance)
+    itm_modality_drop: float = 0.3  # ITM: probability a sample loses its image or its audio (labels follow)
     queue_size: int = 1024  # contrastive: momentum embeddings kept per modality as extra negatives
     momentum: float = 0.995  # contrastive: EMA decay of the momentum encoders
     distillation: float = 0.0  # contrastive: weight of the momentum encoders' soft targets (0 = off)
@@ -240,6 +246,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config key 'model.audio.front': {config.model.audio.front!r} is not logmel_conv or wav2vec2_conv")
     if config.model.audio.subsample not in (2, 4, 8):
         raise ConfigError(f"config key 'model.audio.subsample': must be 2, 4 or 8, got {config.model.audio.subsample}")
+    for name in ("vision", "audio"):
+        if getattr(config.model, name).pool not in POOLING:
+            raise ConfigError(f"config key 'model.{name}.pool': {getattr(config.model, name).pool!r} is not mean or max")
     if config.model.vision.patch_size != 8:
         raise ConfigError(f"config key 'model.vision.patch_size': must be 8, the VQ grid cell (masked vision "
                           f"modelling predicts each patch's code), got {config.model.vision.patch_size}")

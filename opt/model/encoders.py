@@ -70,12 +70,14 @@ class VisionEncoder(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(config.width))
         self.project = nn.Linear(config.width, out_width)
         self.patches = (image_size // config.patch_size) ** 2
+        self.pool = config.pool
 
     def forward(self, pixels: torch.Tensor, *, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``hidden`` (b, n) True marks patches replaced by the mask embedding."""
         x = self.vit((pixels - 0.5) / 0.5, hidden, self.mask_embedding)  # (b, n, w)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return {"tokens": self.project(x), "mask": mask, "pooled": x.mean(dim=1)}
+        pooled = x.amax(dim=1) if self.pool == "max" else x.mean(dim=1)
+        return {"tokens": self.project(x), "mask": mask, "pooled": pooled}
 
 
 class TextEncoder(nn.Module):
@@ -157,6 +159,15 @@ class Wav2Vec2ConvFront(nn.Module):
         return self.project(x), torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
 
 
+def _pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Mean or max of the real positions of x (b, n, d) -> (b, d); rows without any give zeros."""
+    if how == "max":
+        pooled = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
+        return torch.where(mask.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
+    weights = mask[..., None].to(x.dtype)
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
 class AudioEncoder(nn.Module):
     """Audio features -> frame tokens. ``frames`` in the output are the front end's
     outputs before the transformer (the targets of masked audio modelling)."""
@@ -174,6 +185,7 @@ class AudioEncoder(nn.Module):
                                        mlp_ratio=mlp_ratio, dropout=dropout)
         self.project = nn.Linear(config.width, out_width)
         self.max_positions = max_positions
+        self.pool = config.pool
 
     @torch.no_grad()
     def frame_mask(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -188,6 +200,5 @@ class AudioEncoder(nn.Module):
         x = frames if hidden is None else torch.where(hidden[..., None], self.mask_embedding.to(frames.dtype), frames)
         x = x + self.positions(torch.arange(x.shape[1], device=x.device))
         x = self.transformer(x, mask=attention_mask(frame_mask, x.shape[1]))
-        weights = frame_mask[..., None].to(x.dtype)
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        pooled = _pool(x, frame_mask, self.pool)
         return {"tokens": self.project(x), "mask": frame_mask, "pooled": pooled, "frames": frames}

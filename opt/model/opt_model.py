@@ -76,6 +76,9 @@ class ModelSpec:
         return (self.image_size // 8) ** 2
 
 
+TOWER_PAIRS = (("text", "image"), ("text", "audio"), ("image", "audio"))
+
+
 class LearnedScale(nn.Module):
     """A learned positive scale (the contrastive logit scale), stored as its log.
 
@@ -128,7 +131,7 @@ class OPTModel(nn.Module):
             "mvm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
                                  nn.Linear(width, config.vq.codebook_size)),
             "mam": nn.Linear(width, config.audio.width),
-            "itm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, ITM_CLASSES)),
+            "itm": nn.Sequential(nn.Linear(width + len(TOWER_PAIRS), width), nn.GELU(), nn.Linear(width, ITM_CLASSES)),
         })
         for name in ("cross", "text_decoder", "image_decoder", "towers", "heads"):
             getattr(self, name).apply(init_weights)
@@ -182,6 +185,26 @@ class OPTModel(nn.Module):
     def tower_embeddings(self, unimodal: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """L2-normalised two-tower embeddings (b, dim) per modality."""
         return {m: F.normalize(self.towers[m](out["pooled"]), dim=-1) for m, out in unimodal.items()}
+
+    def match_logits(self, unimodal: dict[str, dict[str, torch.Tensor]], fused: dict) -> torch.Tensor:
+        """5-way matching logits (b, 5) from the fused [CLS] and the pairwise two-tower cosines.
+
+        Align before fuse: the head sees the towers' text-image, text-audio and
+        image-audio similarities (0 where a modality is absent) beside the
+        cross-modal [CLS], so matching starts from what contrastive alignment
+        learned and the cross encoder adds what the towers miss.
+        """
+        towers = self.tower_embeddings(unimodal)
+        present = {m: out["mask"].any(dim=1) for m, out in unimodal.items()}
+        cls = fused["cls"]
+        similarities = []
+        for a, b in TOWER_PAIRS:
+            if a in towers and b in towers:
+                both = (present[a] & present[b]).to(cls.dtype)
+                similarities.append((towers[a] * towers[b]).sum(-1).to(cls.dtype) * both)
+            else:
+                similarities.append(cls.new_zeros(cls.shape[0]))
+        return self.heads["itm"](torch.cat([cls, torch.stack(similarities, dim=-1)], dim=-1))
 
     @torch.no_grad()
     def image_codes(self, pixels: torch.Tensor) -> torch.Tensor:

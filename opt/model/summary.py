@@ -47,9 +47,8 @@ def full_step_loss(model: OPTModel, batch: dict) -> torch.Tensor:
     text_logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"])
     codes = model.image_codes(batch["image"]["pixels"])
     image_logits = model.image_decoder(codes, fused["states"], fused["mask"], causal=False)
-    towers = model.tower_embeddings(unimodal)
     return (text_logits.float().logsumexp(-1).mean() + image_logits.float().logsumexp(-1).mean()
-            + model.heads["itm"](fused["cls"]).float().mean() + sum(t.sum() for t in towers.values()) * 0)
+            + model.match_logits(unimodal, fused).float().mean())
 
 
 def parameter_counts(model: OPTModel) -> dict[str, int]:

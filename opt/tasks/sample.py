@@ -4,14 +4,23 @@ alignment with momentum encoders and negative queues.
 5-way ITM classes, each drawn with probability 0.2 per sample i:
 0 matched; 1 image from another sample j; 2 audio from another sample j;
 3 image and audio both from one other sample j; 4 image from j and audio from
-k, with i, j, k all different.
+k, with i, j, k all different. With probability ``itm_modality_drop`` a sample
+also loses its image or its audio (one of the two, evenly), and its label says
+what is swapped among the modalities left: without the image, 0 or 2; without
+the audio, 0 or 1. Retrieval re-ranks two-modality pairs (audio-text) with the
+same head.
 
 Contrastive alignment (BriVL / MoCo style): online towers embed text, image and
 audio; momentum copies of the encoders and towers (EMA of the online ones) embed
-the same batch as keys; per modality a queue keeps the latest momentum
-embeddings as extra negatives. Symmetric InfoNCE for text-image, text-audio and
-image-audio. With ``distillation`` > 0 the targets mix the one-hot match with the
-momentum encoders' own similarity distribution (momentum distillation).
+the same batch, and per modality a queue keeps the latest momentum embeddings as
+extra negatives. Symmetric InfoNCE for text-image, text-audio and image-audio.
+The batch's own candidates are the *online* embeddings of the other modality
+(gradients reach both towers, as in CLIP); the queue only adds negatives. Using
+momentum keys as positives (pure MoCo) trained far slower here: in the paper's
+one-task-per-step mode the momentum encoders move only on contrastive steps and
+lag the online ones by hundreds of updates. With ``distillation`` > 0 the targets
+mix the one-hot match with the momentum encoders' own similarity distribution
+(momentum distillation, OPPOVL).
 """
 
 from __future__ import annotations
@@ -25,10 +34,8 @@ from torch import nn
 
 from opt import MODALITIES
 from opt.config import TasksConfig
-from opt.model.opt_model import OPTModel
-from opt.tasks.base import TaskOutput, TaskRandom, accuracy
-
-PAIRS = (("text", "image"), ("text", "audio"), ("image", "audio"))
+from opt.model.opt_model import TOWER_PAIRS, OPTModel
+from opt.tasks.base import TaskOutput, TaskRandom, accuracy, uniform, with_present
 
 
 def itm_assignment(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,10 +67,21 @@ class ImageTextAudioMatching:
         self.config = config
 
     def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
-        labels, image_from, audio_from = itm_assignment(len(batch["keys"]), random.mask)
+        size = len(batch["keys"])
+        labels, image_from, audio_from = itm_assignment(size, random.mask)
         mixed = dict(batch) | {"image": _gather(batch["image"], image_from), "audio": _gather(batch["audio"], audio_from)}
-        fused = model.fuse(model.encode_unimodal(mixed))
-        logits = model.heads["itm"](fused["cls"]).float()
+        drop = uniform(size, random.mask) < self.config.itm_modality_drop
+        drop_image = drop & (uniform(size, random.mask) < 0.5)
+        drop_audio = drop & ~drop_image
+        index = torch.arange(size)
+        labels = torch.where(drop_image, torch.where(audio_from == index, 0, 2), labels)
+        labels = torch.where(drop_audio, torch.where(image_from == index, 0, 1), labels)
+        mixed = with_present(mixed, {
+            "image": mixed["image"]["present"] & ~drop_image.to(mixed["image"]["present"].device),
+            "audio": mixed["audio"]["present"] & ~drop_audio.to(mixed["audio"]["present"].device),
+        })
+        unimodal = model.encode_unimodal(mixed)
+        logits = model.match_logits(unimodal, model.fuse(unimodal)).float()
         labels = labels.to(logits.device)
         loss = F.cross_entropy(logits, labels)
         binary = float(((logits.argmax(-1) == 0) == (labels == 0)).float().mean())
@@ -118,15 +136,16 @@ class ContrastiveAlignment(nn.Module):
         self.queue_pointer.copy_((self.queue_pointer + size) % self.config.queue_size)
         self.queue_filled.copy_(torch.clamp(self.queue_filled + size, max=self.config.queue_size))
 
-    def _info_nce(self, queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor,
-                  momentum_queries: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, float]:
-        candidates = torch.cat([keys, queue])  # (b + q, d): the batch's keys first
-        logits = scale * queries @ candidates.T
+    def _info_nce(self, queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, *,
+                  momentum_queries: torch.Tensor, momentum_keys: torch.Tensor,
+                  scale: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Online queries (b, d) against the online keys (b, d) and the queue (q, d)."""
+        logits = scale * queries @ torch.cat([keys, queue]).T  # (b, b + q): the batch's own candidates first
         labels = torch.arange(queries.shape[0], device=queries.device)
-        targets = F.one_hot(labels, candidates.shape[0]).float()
+        targets = F.one_hot(labels, logits.shape[1]).float()
         if self.config.distillation > 0:
             with torch.no_grad():
-                soft = (scale * momentum_queries @ candidates.T).softmax(-1)
+                soft = (scale * momentum_queries @ torch.cat([momentum_keys, queue]).T).softmax(-1)
             targets = self.config.distillation * soft + (1 - self.config.distillation) * targets
         loss = torch.sum(-targets * logits.log_softmax(-1), dim=-1).mean()
         return loss, accuracy(logits[:, : queries.shape[0]], labels)
@@ -138,12 +157,13 @@ class ContrastiveAlignment(nn.Module):
         scale = model.temperature().float()
         filled = int(self.queue_filled)
         losses, metrics = [], {}
-        for a, b in PAIRS:
+        for a, b in TOWER_PAIRS:
             if a not in queries or b not in queries:
                 continue
             for query, key in ((a, b), (b, a)):
                 queue = getattr(self, f"queue_{key}")[:filled].float()
-                loss, retrieval = self._info_nce(queries[query], keys[key], queue, keys[query], scale)
+                loss, retrieval = self._info_nce(queries[query], queries[key], queue, momentum_queries=keys[query],
+                                                 momentum_keys=keys[key], scale=scale)
                 losses.append(loss)
                 metrics[f"{query[0]}2{key[0]}_accuracy"] = retrieval
         loss = torch.stack(losses).mean()
