@@ -185,6 +185,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (one is also written at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard records
+    eval_every: int = 0  # steps between validation passes over data.val (0 = none); logged as val/TASK/METRIC
+    eval_batches: int = 4  # validation batches per pass (the same ones each time)
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
 
 

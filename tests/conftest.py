@@ -40,6 +40,7 @@ def small_training_overrides(world, tokenizer, tmp_path_factory) -> list[str]:
 
     path = tmp_path_factory.mktemp("training") / "tok.model"
     tokenizer.save(path)
-    return SMALL + [f"data.train={world}/train-*.tar", f"tokenizer.path={path}", "data.batch_size=4",
+    return SMALL + [f"data.train={world}/train-*.tar", f"data.val={world}/val-*.tar", "train.eval_every=0",
+                    f"tokenizer.path={path}", "data.batch_size=4",
                     "data.workers=0", "data.shuffle_buffer=16", "tasks.queue_size=8", "train.log_every=1",
                     "train.lr=1e-3"]

@@ -101,3 +101,16 @@ def test_export_loads_with_from_pretrained_and_plot_writes_a_png(train_overrides
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"step", "lr", "samples_per_s", "loss"} <= set(record)
     assert any(key.endswith("/loss") for key in record)
+
+
+def test_validation_logs_every_task_and_leaves_training_untouched(train_overrides, tmp_path):
+    train(train_overrides, tmp_path / "plain", 4)
+    train(train_overrides + ["train.eval_every=2", "train.eval_batches=2"], tmp_path / "validated", 4)
+    records = [json.loads(line) for line in (tmp_path / "validated" / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if any(k.startswith("val/") for k in r)]
+    assert [r["step"] for r in validation] == [2, 4]
+    for task in ("mlm", "mvm", "mam", "td", "id", "itm", "contrastive"):
+        assert 0.0 <= validation[-1][f"val/{task}/accuracy"] <= 1.0
+        assert validation[-1][f"val/{task}/loss"] > 0
+    plain, validated = final_weights(tmp_path / "plain"), final_weights(tmp_path / "validated")
+    assert all(torch.equal(plain[name], validated[name]) for name in plain)

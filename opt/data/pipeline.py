@@ -148,11 +148,13 @@ def _with_stats(batch: dict) -> dict:
 
 
 def build_dataset(shards: list[str], config: Config, tokenizer: TextTokenizer | None, *,
-                  train: bool, batch_size: int | None = None) -> wds.DataPipeline:
+                  train: bool, batch_size: int | None = None, split_by_node: bool = True) -> wds.DataPipeline:
     """The pipeline as an ``IterableDataset`` of batches.
 
     ``train=True``: shards resampled forever with a seeded RNG, a shuffle buffer,
-    full batches only. ``train=False``: each shard once, in order, last batch kept.
+    full batches only. ``train=False``: each shard once, in order, last batch kept;
+    with ``split_by_node`` the shards are divided among distributed processes,
+    otherwise every process reads all of them.
     """
     data = config.data
     if "text" in data.modalities and tokenizer is None:
@@ -163,7 +165,7 @@ def build_dataset(shards: list[str], config: Config, tokenizer: TextTokenizer | 
     if train:
         stages = [wds.ResampledShards(shards, seed=config.train.seed, deterministic=True)]
     else:
-        stages = [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
+        stages = [wds.SimpleShardList(shards)] + ([wds.split_by_node] if split_by_node else []) + [wds.split_by_worker]
     stages.append(wds.tarfile_to_samples(handler=_tar_error_handler(strict)))
     if train and data.shuffle_buffer > 0:
         stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer // 2, seed=config.train.seed))
@@ -181,9 +183,10 @@ class BatchLoader:
     """
 
     def __init__(self, spec: str, config: Config, tokenizer: TextTokenizer | None, *, train: bool,
-                 workers: int | None = None, batch_size: int | None = None) -> None:
+                 workers: int | None = None, batch_size: int | None = None, split_by_node: bool = True) -> None:
         self.shards = resolve_shards(spec)
-        self.dataset = build_dataset(self.shards, config, tokenizer, train=train, batch_size=batch_size)
+        self.dataset = build_dataset(self.shards, config, tokenizer, train=train, batch_size=batch_size,
+                                     split_by_node=split_by_node)
         self.workers = config.data.workers if workers is None else workers
         if not train:
             self.workers = min(self.workers, len(self.shards))

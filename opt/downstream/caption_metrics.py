@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import re
 import shutil
 import warnings
@@ -67,16 +69,24 @@ def tokenize(captions: Captions) -> Captions:
     return tokenized
 
 
+@functools.cache
+def _meteor_scorer() -> Meteor:
+    """One METEOR java process per Python process (it takes ~15 s to load its tables)."""
+    meteor = Meteor()
+
+    def stop() -> None:  # the wrapper stops its java process only when garbage-collected
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+
+    atexit.register(stop)
+    return meteor
+
+
 def _meteor(references: Captions, predictions: Captions) -> float | None:
     if not _java_available():
         warnings.warn("java not found: METEOR is not computed")
         return None
-    meteor = Meteor()
-    try:
-        score, _ = meteor.compute_score(references, predictions)
-    finally:  # the wrapper stops its java process only when garbage-collected
-        meteor.meteor_p.kill()
-        meteor.meteor_p.wait()
+    score, _ = _meteor_scorer().compute_score(references, predictions)
     return float(score)
 
 

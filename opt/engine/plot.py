@@ -36,14 +36,18 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
             if key != "step" and isinstance(value, (int, float)):
                 series[key]["step"].append(record["step"])
                 series[key]["value"].append(value)
-    tasks = sorted({key.split("/")[0] for key in series if "/" in key})
+    tasks = sorted({key.split("/")[0] for key in series if "/" in key and not key.startswith("val/")})
     panels = [("loss", [f"{t}/loss" for t in tasks]), ("accuracy", [f"{t}/accuracy" for t in tasks]),
+              ("validation accuracy", [f"val/{t}/accuracy" for t in tasks]),
               ("learning rate", ["lr"]), ("samples/s", ["samples_per_s"])]
-    figure, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    if not any(key in series for key in panels[2][1]):
+        panels.pop(2)
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     for axis, (title, keys) in zip(axes, panels):
         for key in keys:
             if key in series:
-                axis.plot(series[key]["step"], series[key]["value"], label=key.split("/")[0], marker=".", markersize=3)
+                axis.plot(series[key]["step"], series[key]["value"], label=key.removeprefix("val/").split("/")[0],
+                          marker=".", markersize=3)
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)

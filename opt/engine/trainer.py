@@ -182,6 +182,25 @@ class Trainer:
             next(iterator)
         return loader, iterator
 
+    def _validation_batches(self) -> list[dict]:
+        """The first ``train.eval_batches`` batches of ``data.val`` (every process reads the same ones)."""
+        if self.config.train.eval_every <= 0 or not self.config.data.val:
+            return []
+        loader = BatchLoader(self.config.data.val, self.config, self.tokenizer, train=False, workers=0,
+                             split_by_node=False)
+        batches = []
+        for batch in loader:
+            if len(batch["keys"]) >= 3:  # 5-way matching needs three samples
+                batches.append(to_device(batch, self.device))
+            if len(batches) == self.config.train.eval_batches:
+                break
+        return batches
+
+    def validate(self, batches: list[dict]) -> dict[str, float]:
+        """Per-task validation metrics, keyed ``val/TASK/METRIC``."""
+        metrics = self.mixture.evaluate(self.model, batches, seed=self.config.train.seed)
+        return {f"val/{key}": value for key, value in metrics.items()}
+
     def _log(self, writer, record: dict) -> None:
         with open(self.run / "metrics.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
@@ -193,6 +212,7 @@ class Trainer:
         """Train to ``train.steps``; returns the last logged record."""
         config = self.config.train
         loader, batches = self._batches()
+        validation = self._validation_batches()
         writer = SummaryWriter(str(self.run / "tensorboard")) if self.is_main else None
         precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main))
@@ -229,6 +249,10 @@ class Trainer:
                 if self.is_main:
                     self._log(writer, record)
                 window = MetricWindow()
+            if validation and (self.step % config.eval_every == 0 or self.step == config.steps):
+                measured = self.validate(validation)
+                if self.is_main:
+                    self._log(writer, {"step": self.step} | measured)
             if self.step % config.checkpoint_every == 0 and self.step < config.steps:
                 self.save_checkpoint()
         self.save_checkpoint()

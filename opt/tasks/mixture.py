@@ -77,6 +77,30 @@ class TaskMixture(nn.Module):
             metrics[name] = output.metrics
         return total, metrics
 
+    @torch.no_grad()
+    def evaluate(self, model: OPTModel, batches: list[dict], *, seed: int) -> dict[str, float]:
+        """Every task on every batch with masks drawn from ``seed`` (the same each call),
+        without touching training state; returns ``{"task/metric": mean}``."""
+        was_training = self.training, model.training
+        self.eval()
+        model.eval()
+        generator = torch.Generator()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        try:
+            for name in self.names:
+                generator.manual_seed(seed)
+                random = TaskRandom(choice=generator, mask=generator)
+                for batch in batches:
+                    for metric, value in self.task(name)(model, batch, random).metrics.items():
+                        key = f"{name}/{metric}"  # some metrics exist only for some draws (e.g. td's sources)
+                        sums[key] = sums.get(key, 0.0) + value
+                        counts[key] = counts.get(key, 0) + 1
+        finally:
+            self.train(was_training[0])
+            model.train(was_training[1])
+        return {key: total / counts[key] for key, total in sums.items()}
+
     def extra_state(self) -> dict:
         """The generators' states (the modules' state is in ``state_dict``)."""
         return {"choice": self.random.choice.get_state(), "mask": self.random.mask.get_state()}

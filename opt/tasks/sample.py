@@ -151,7 +151,8 @@ class ContrastiveAlignment(nn.Module):
         return loss, accuracy(logits[:, : queries.shape[0]], labels)
 
     def forward(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
-        self._update_momentum(model)
+        if self.training:  # validation leaves the momentum encoders and queues as they are
+            self._update_momentum(model)
         queries = {m: e.float() for m, e in model.tower_embeddings(model.encode_unimodal(batch)).items()}
         keys = {m: e.float() for m, e in self._momentum_embeddings(model, batch).items()}
         scale = model.temperature().float()
@@ -167,7 +168,8 @@ class ContrastiveAlignment(nn.Module):
                 losses.append(loss)
                 metrics[f"{query[0]}2{key[0]}_accuracy"] = retrieval
         loss = torch.stack(losses).mean()
-        self._enqueue(keys)
+        if self.training:
+            self._enqueue(keys)
         metrics["accuracy"] = sum(metrics.values()) / len(metrics)  # mean in-batch retrieval accuracy
         metrics |= {"loss": loss.item(), "temperature": float(1 / scale.detach())}
         return TaskOutput(loss, metrics)

@@ -1,0 +1,190 @@
+"""``opt caption``, ``opt generate``, ``opt retrieve`` and ``opt eval``: the
+downstream tasks on a model directory (``opt export``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from opt.cli.common import DATA_HELP, non_negative_int, positive_int
+from opt.errors import UserError
+
+MODEL_HELP = "model directory written by opt export (config.json, model.safetensors, vq/, tokenizer.model)"
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _add_decoding(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decoding", default="parallel", choices=["parallel", "autoregressive"],
+                        help="image-token decoding (default parallel)")
+    parser.add_argument("--steps", type=positive_int, default=12, help="parallel decoding steps (default 12)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance, 1 = off (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    caption = commands.add_parser("caption", help="caption images and/or speech; metrics against the references")
+    _add_model(caption)
+    caption.add_argument("--data", required=True, help=DATA_HELP)
+    caption.add_argument("--inputs", default="image", help="image, audio or image+audio (default image)")
+    caption.add_argument("--out", required=True, help="output JSON lines, one {key, caption} per sample")
+    caption.add_argument("--beam", type=positive_int, default=1, help="beam size, 1 = greedy (default 1)")
+    caption.add_argument("--limit", type=positive_int, help="caption at most this many samples")
+    caption.add_argument("--no-references", dest="references", action="store_false",
+                         help="skip the metrics against the shard captions")
+    caption.set_defaults(handler=run_caption)
+
+    generate = commands.add_parser("generate", help="generate images from text prompts (and speech)")
+    _add_model(generate)
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts", help="a text file with one prompt per line")
+    generate.add_argument("--audio", help="a speech file conditioning every prompt together with its text")
+    generate.add_argument("--out", required=True, help="output directory for PNGs and grid.png")
+    generate.add_argument("--n", type=positive_int, default=1, help="images per prompt (default 1)")
+    _add_decoding(generate)
+    generate.set_defaults(handler=run_generate)
+
+    retrieve = commands.add_parser("retrieve", help="cross-modal retrieval over a whole split")
+    _add_model(retrieve)
+    retrieve.add_argument("--data", required=True, help=DATA_HELP)
+    retrieve.add_argument("--query", help="query modality: text, image, audio or text+audio")
+    retrieve.add_argument("--target", help="target modality: text, image or audio")
+    retrieve.add_argument("--all", action="store_true", help="every direction: t2i, i2t, t2a, a2t, ta2i")
+    retrieve.add_argument("--rerank-k", type=non_negative_int, default=16,
+                          help="top candidates re-ranked by the cross encoder, 0 = off (default 16)")
+    retrieve.add_argument("--limit", type=positive_int, help="use at most this many samples")
+    retrieve.add_argument("--out", help="write the metrics to this JSON file")
+    retrieve.set_defaults(handler=run_retrieve)
+
+    evaluate = commands.add_parser("eval", help="all downstream tasks on test and test_novel -> report/")
+    _add_model(evaluate)
+    evaluate.add_argument("--data", required=True, help="directory with test-*.tar and test_novel-*.tar shards")
+    evaluate.add_argument("--out", required=True, help="report directory (metrics.json, report.md, PNGs)")
+    evaluate.add_argument("--run-dir", help="training run whose curves go into the report")
+    evaluate.add_argument("--limit", type=positive_int, help="samples per split (default all)")
+    evaluate.add_argument("--rerank-k", type=non_negative_int, default=16, help="retrieval re-ranking (default 16)")
+    evaluate.add_argument("--beam", type=positive_int, default=1, help="captioning beam size (default 1)")
+    evaluate.add_argument("--generate-count", type=positive_int, default=64,
+                          help="text-to-image prompts per split (default 64)")
+    evaluate.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (needs java)")
+    _add_decoding(evaluate)
+    evaluate.set_defaults(handler=run_eval)
+
+
+def _load(args: argparse.Namespace):
+    from opt.downstream.common import load_model
+
+    return load_model(args.model, device=args.device)
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                      if not isinstance(v, dict) and v is not None)
+    print(f"{title}: {shown}")
+
+
+def run_caption(args: argparse.Namespace) -> None:
+    from opt.downstream.captioning import caption_metrics, caption_split, parse_inputs
+    from opt.files import write_atomic
+
+    parse_inputs(args.inputs)
+    captions = caption_split(_load(args), args.data, args.inputs, beam=args.beam, limit=args.limit)
+    lines = "".join(json.dumps({"key": c.key, "caption": c.caption}) + "\n" for c in captions)
+    write_atomic(args.out, lines.encode())
+    print(f"caption: {len(captions)} captions -> {args.out}")
+    if args.references:
+        metrics = caption_metrics(captions, args.inputs)
+        write_atomic(Path(args.out).with_suffix(".metrics.json"), json.dumps(metrics, indent=2).encode())
+        _print_metrics("metrics", metrics)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise UserError(f"prompt file not found: {path}")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts or not all(prompts):
+        raise UserError("no prompt given (empty prompt or prompt file)")
+    return prompts
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from opt.downstream.text_to_image import generate_images, prompt_batch, save_generations
+
+    prompts = _read_prompts(args)
+    audio = None
+    if args.audio:
+        if not Path(args.audio).is_file():
+            raise UserError(f"audio file not found: {args.audio}")
+        audio = Path(args.audio).read_bytes()
+    loaded = _load(args)
+    repeated = [p for p in prompts for _ in range(args.n)]
+    batch = prompt_batch(loaded, repeated, [audio] * len(repeated) if audio is not None else None)
+    images = generate_images(loaded, batch, decoding=args.decoding, steps=args.steps, guidance=args.guidance,
+                             seed=args.seed)
+    paths = save_generations(images, prompts, args.out, samples=args.n)
+    print(f"generate: {len(paths)} images -> {args.out} (grid: {Path(args.out) / 'grid.png'})")
+
+
+def _directions(args: argparse.Namespace) -> dict[str, tuple[tuple[str, ...], str]]:
+    from opt.downstream.retrieval import DIRECTIONS, direction_name
+
+    if args.all:
+        return dict(DIRECTIONS)
+    if not args.query or not args.target:
+        raise UserError("give --query and --target, or --all")
+    query = tuple(args.query.split("+"))
+    known = {"text", "image", "audio"}
+    if not set(query) <= known or args.target not in known or args.target in query:
+        raise UserError(f"cannot retrieve {args.target!r} from {args.query!r} (modalities: text, image, audio)")
+    return {direction_name(query, args.target): (query, args.target)}
+
+
+def run_retrieve(args: argparse.Namespace) -> None:
+    from opt.downstream.common import encode_split
+    from opt.downstream.retrieval import retrieve
+    from opt.files import write_atomic
+
+    directions = _directions(args)
+    loaded = _load(args)
+    split = encode_split(loaded, args.data, limit=args.limit)
+    results = {}
+    for name, (query, target) in directions.items():
+        results[name] = retrieve(loaded, split, query, target, rerank_k=args.rerank_k)
+        _print_metrics(f"{name} (n={results[name]['n']})", results[name])
+        seconds = results[name]["seconds"]
+        print(f"  two-tower {seconds['two_tower']:.2f} s, re-rank {seconds['rerank']:.2f} s")
+    if args.out:
+        write_atomic(args.out, json.dumps(results, indent=2).encode())
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from opt.downstream.report import EvalSettings, evaluate_model
+
+    curves = None
+    if args.run_dir:
+        from opt.engine.plot import plot_run
+
+        curves = plot_run(args.run_dir)
+    settings = EvalSettings(limit=args.limit, rerank_k=args.rerank_k, beam=args.beam,
+                            generate_count=args.generate_count, decoding=args.decoding, steps=args.steps,
+                            guidance=args.guidance, seed=args.seed, with_meteor=args.meteor)
+    results = evaluate_model(_load(args), args.data, args.out, settings=settings, curves=curves,
+                             model_name=Path(args.model).name)
+    for split in ("test", "test_novel"):
+        if split in results:
+            retrieval = results[split]["retrieval"]
+            captions = results[split]["captioning"]
+            print(f"{split}: a2t R@1 {retrieval['a2t']['r1']:.3f}, t2i R@1 {retrieval['t2i']['r1']:.3f}, "
+                  f"caption attributes image {captions['image'].get('attribute_accuracy', float('nan')):.3f} "
+                  f"audio {captions['audio'].get('attribute_accuracy', float('nan')):.3f}, text-to-image "
+                  f"attributes {results[split]['text_to_image']['text'].get('attribute_accuracy', float('nan')):.3f}")
+    print(f"eval: report in {Path(args.out) / 'report.md'}")

@@ -1,0 +1,174 @@
+"""Downstream commands on a small model trained for a few steps in this session:
+captioning, text-to-image, retrieval and the evaluation report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from opt.cli import main
+from opt.config import load_config
+from opt.downstream.common import EncodedSplit, encode_split, load_model
+from opt.downstream.retrieval import DIRECTIONS, rank_metrics, retrieve
+from opt.engine.export import export_run
+from opt.engine.trainer import Trainer
+
+METRIC_KEYS = {"r1", "r5", "r10", "mean_rank", "n"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(small_training_overrides, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("downstream_run")
+    config = load_config("configs/tiny.yaml", small_training_overrides + ["train.steps=12", "train.warmup_steps=2",
+                                                                          "train.log_every=4"])
+    Trainer(config, run, progress=False).fit()
+    return export_run(run, run / "model")
+
+
+@pytest.fixture(scope="module")
+def encoded(model_dir, world) -> tuple:
+    loaded = load_model(model_dir)
+    return loaded, encode_split(loaded, f"{world}/test-*.tar")
+
+
+def check_ranks(metrics: dict, n: int) -> None:
+    assert METRIC_KEYS <= set(metrics) and metrics["n"] == n
+    assert 0.0 <= metrics["r1"] <= metrics["r5"] <= metrics["r10"] <= 1.0
+    assert 1.0 <= metrics["mean_rank"] <= n
+
+
+def test_rank_metrics_from_known_ranks():
+    metrics = rank_metrics(torch.tensor([1, 2, 6, 11]))
+    assert metrics == {"r1": 0.25, "r5": 0.5, "r10": 0.75, "mean_rank": 5.0, "n": 4}
+
+
+def test_encoded_split_holds_every_sample_and_modality(encoded, world):
+    _, split = encoded
+    assert len(split) == 24 and len(set(split.keys)) == 24
+    assert set(split.unimodal) == {"text", "image", "audio"}
+    assert split.pixels.shape[0] == 24 and split.unimodal["audio"]["tokens"].shape[0] == 24
+
+
+def test_reranking_only_reorders_the_top_k(encoded):
+    loaded, split = encoded
+    plain = retrieve(loaded, split, ("audio",), "text", rerank_k=0)
+    assert {k: plain[k] for k in METRIC_KEYS} == {k: plain["two_tower"][k] for k in METRIC_KEYS}
+    for k in (4, 24):
+        reranked = retrieve(loaded, split, ("audio",), "text", rerank_k=k)
+        check_ranks(reranked, 24)
+        assert reranked["two_tower"] == plain["two_tower"]
+        if k == 4:  # targets outside the top 4 keep their tower rank
+            assert reranked["r5"] >= plain["r5"] - 1e-9 and reranked["r10"] == plain["r10"]
+    full = retrieve(loaded, split, ("audio",), "text", rerank_k=24)
+    assert full["seconds"]["rerank_pairs"] == 24 * 24
+
+
+def test_reranking_the_whole_pool_ranks_by_the_matching_head(encoded):
+    """With K = N, the rank of each query's target is its rank by P(matched) alone."""
+    from opt.downstream.retrieval import matching_scores
+
+    loaded, split = encoded
+    n = len(split)
+    queries = torch.arange(n).repeat_interleave(n)
+    candidates = torch.arange(n).repeat(n)
+    scores = matching_scores(loaded, split, ("image",), "text", queries, candidates).reshape(n, n)
+    expected = 1 + (scores > scores.diagonal()[:, None]).sum(1)
+    assert retrieve(loaded, split, ("image",), "text", rerank_k=n)["mean_rank"] == pytest.approx(
+        expected.float().mean().item(), abs=1e-6)
+
+
+def test_retrieve_cli_writes_every_direction(model_dir, world, tmp_path):
+    out = tmp_path / "metrics.json"
+    assert main(["retrieve", "--model", str(model_dir), "--data", f"{world}/test-*.tar", "--all",
+                 "--rerank-k", "4", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == set(DIRECTIONS)
+    for values in metrics.values():
+        check_ranks(values, 24)
+
+
+def test_retrieve_cli_one_direction(model_dir, world, tmp_path):
+    out = tmp_path / "a2t.json"
+    assert main(["retrieve", "--model", str(model_dir), "--data", f"{world}/test-*.tar", "--query", "audio",
+                 "--target", "text", "--rerank-k", "0", "--out", str(out)]) == 0
+    assert list(json.loads(out.read_text())) == ["a2t"]
+
+
+@pytest.mark.parametrize("inputs", ["image", "audio", "image+audio"])
+def test_caption_cli_writes_one_line_per_sample_and_metrics(model_dir, world, tmp_path, inputs):
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", "--model", str(model_dir), "--data", f"{world}/test-*.tar", "--inputs", inputs,
+                 "--out", str(out), "--limit", "10"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 10 and all(set(r) == {"key", "caption"} and isinstance(r["caption"], str) for r in rows)
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    for name in ("bleu_4", "rouge_l", "cider", "attribute_accuracy"):
+        assert 0.0 <= metrics[name] <= 10.0
+    assert 0.0 <= metrics["attribute_accuracy"] <= 1.0
+    assert ("wer" in metrics) == (inputs == "audio")
+
+
+def test_generate_cli_writes_one_png_per_prompt_and_sample_and_a_grid(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle on the left\n\na large blue star above a small green cross\n")
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
+                 "--n", "2", "--steps", "3"]) == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png", "grid.png"]
+
+
+def test_generate_with_speech_and_autoregressive_decoding(model_dir, world, tmp_path):
+    import tarfile
+
+    with tarfile.open(sorted(world.glob("test-*.tar"))[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".wav"))
+        (tmp_path / "speech.wav").write_bytes(tar.extractfile(member).read())
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a red square", "--audio",
+                 str(tmp_path / "speech.wav"), "--out", str(out), "--decoding", "autoregressive"]) == 0
+    assert (out / "00000_00.png").is_file()
+
+
+def test_eval_writes_metrics_report_and_pictures(model_dir, world, tmp_path):
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(model_dir), "--data", str(world), "--out", str(out), "--limit", "12",
+                 "--generate-count", "4", "--steps", "2", "--rerank-k", "3", "--no-meteor"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("test", "test_novel"):
+        assert set(metrics[split]) == {"retrieval", "captioning", "text_to_image"}
+        for values in metrics[split]["retrieval"].values():
+            check_ranks(values, 12)
+        assert set(metrics[split]["captioning"]) == {"image", "audio", "image+audio"}
+        t2i = metrics[split]["text_to_image"]["text"]
+        assert t2i["n"] == 4 and 0.0 <= t2i["attribute_accuracy"] <= 1.0 and 0.0 <= t2i["r_precision"] <= 1.0
+        assert (out / f"{split}_generated.png").stat().st_size > 1000
+        assert (out / f"{split}_captions.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "## Retrieval" in report and "![generated](test_generated.png)" in report
+    assert "| a2t |" in report
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["caption", "--model", "/nonexistent", "--data", "x", "--out", "y"], "not a model directory"),
+    (["retrieve", "--model", "/nonexistent", "--data", "x", "--query", "audio"], "--target"),
+    (["retrieve", "--model", "/nonexistent", "--data", "x", "--query", "smell", "--target", "text"], "cannot retrieve"),
+    (["generate", "--model", "/nonexistent", "--prompts", "/nonexistent.txt", "--out", "y"], "prompt file not found"),
+])
+def test_downstream_user_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_caption_rejects_unknown_inputs(model_dir, capsys):
+    assert main(["caption", "--model", str(model_dir), "--data", "x", "--inputs", "smell", "--out", "y"]) == 2
+    assert "--inputs" in capsys.readouterr().err
+
+
+def test_encoded_split_select_returns_rows():
+    split = EncodedSplit(keys=["a", "b"], unimodal={"text": {"pooled": torch.arange(4.0).reshape(2, 2)}})
+    assert split.select("text", torch.tensor([1]))["pooled"].tolist() == [[2.0, 3.0]]
