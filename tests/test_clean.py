@@ -154,6 +154,12 @@ def test_cleaning_into_the_input_directory_is_refused(tmp_path):
         clean_shards(shards, tmp_path, CleanSettings(), progress=False)
 
 
+def test_output_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("")
+    with pytest.raises(UserError, match="not a directory"):
+        clean_shards(write_shards(tmp_path / "in"), tmp_path / "out", CleanSettings(), progress=False)
+
+
 @pytest.fixture(scope="module")
 def model_directory(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("model")

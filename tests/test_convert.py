@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from PIL import Image
 from opt.cli import main
 from opt.config import AudioConfig, DataConfig
 from opt.data.convert import convert_localized_narratives, convert_manifest
-from opt.data.convert.localized_narratives import LocalizedNarratives
+from opt.data.convert.localized_narratives import LocalizedNarratives, Utterance, cut_narration, parse_timed_caption
+from opt.data.convert.media import Skip, read_speech
 from opt.data.samples import SampleDecoder
 from opt.errors import UserError
 
@@ -194,6 +196,7 @@ def test_shards_do_not_depend_on_the_worker_count(converted, corpus, tmp_path):
 
 def test_interrupted_conversion_resumes_to_the_same_output(converted, corpus, tmp_path, monkeypatch):
     reference, summary = converted
+    expected = shard_bytes(reference)
     original = LocalizedNarratives.__call__
 
     def crash_on_row_9(self, row):
@@ -203,25 +206,58 @@ def test_interrupted_conversion_resumes_to_the_same_output(converted, corpus, tm
 
     monkeypatch.setattr(LocalizedNarratives, "__call__", crash_on_row_9)  # forked workers inherit it
     with pytest.raises(RuntimeError, match="simulated crash"):
-        convert(corpus, tmp_path, workers=2)
+        convert(corpus, tmp_path, workers=1)  # shards 0 and 1 finish, shard 2 (rows 8-11) dies
     monkeypatch.setattr(LocalizedNarratives, "__call__", original)
     partial = shard_bytes(tmp_path)
-    assert "train-000002.tar" not in partial
-    assert all(payload == shard_bytes(reference)[name] for name, payload in partial.items())
-    # what a kill would leave: a stale temporary file, and a finished tar whose record was never written
+    assert {"train-000000.tar", "train-000001.tar"} <= set(partial) and "train-000002.tar" not in partial
+    assert all(payload == expected[name] for name, payload in partial.items())
+    # what a kill would leave: a stale temporary shard, and a finished tar whose record was never written
     (tmp_path / "train-000002.tar.tmp").write_bytes(b"half a shard")
-    if "train-000000.tar" in partial:
-        (tmp_path / "records" / "train-000000.json").unlink()
+    (tmp_path / "records" / "train-000000.json").unlink()
+    for name in ("train-000000.tar", "train-000001.tar"):
+        os.utime(tmp_path / name, ns=(0, 0))
     assert convert(corpus, tmp_path, workers=2) == summary
-    assert shard_bytes(tmp_path) == shard_bytes(reference)
+    assert shard_bytes(tmp_path) == expected
     assert not list(tmp_path.glob("*.tmp"))
+    assert (tmp_path / "train-000001.tar").stat().st_mtime_ns == 0  # finished: kept as it was
+    assert (tmp_path / "train-000000.tar").stat().st_mtime_ns != 0  # no record: converted again
 
 
 def test_rerun_of_a_finished_conversion_rewrites_nothing(converted, corpus):
     out, summary = converted
-    before = {p: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    for shard in out.glob("*.tar"):
+        os.utime(shard, ns=(0, 0))
     assert convert(corpus, out) == summary
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    assert {p.stat().st_mtime_ns for p in out.glob("*.tar")} == {0}
+
+
+def test_names_too_long_for_the_file_system_are_skips(corpus):
+    _, images, audio = corpus
+    converter = LocalizedNarratives(images, audio)
+    with pytest.raises(Skip, match="image_missing"):
+        converter.find_image("x" * 300)
+    with pytest.raises(Skip, match="audio_unreadable"):
+        read_speech(converter.find_audio("open_images_train/" + "x" * 300 + ".ogg"))
+
+
+def test_timed_caption_needs_finite_non_negative_times():
+    assert parse_timed_caption(timed(["a", "b"])) == [Utterance("a", 0.0, 1.0), Utterance("b", 1.0, 2.0)]
+    for bad in ([{"utterance": "a", "start_time": 0, "end_time": float("nan")}],
+                [{"utterance": "a", "start_time": -1, "end_time": 1}], {"utterance": "a"}, [{"utterance": "a"}]):
+        with pytest.raises(Skip) as skip:
+            parse_timed_caption(bad)
+        assert skip.value.reason == "row_invalid"
+
+
+def test_cut_narration_keeps_speech_up_to_the_last_utterance_in_time():
+    wave = np.zeros(4 * 16000, dtype=np.float32)
+    timing = [Utterance("a b", 0.0, 1.5), Utterance("c", 1.5, 2.5), Utterance("d", 2.5, 4.0)]
+    cut, text, kept, was_cut = cut_narration(wave, "a b c d", timing, 3.0)
+    assert (len(cut), text, kept, was_cut) == (40000, "a b c", timing[:2], True)
+    assert cut_narration(wave, "a b c d", timing, 0) == (wave, "a b c d", timing, False)
+    for uncuttable in ([], [Utterance("a", 0.0, 3.5)], [Utterance("a", 0.0, 0.0), Utterance("b", 0.0, 3.5)]):
+        with pytest.raises(Skip, match="narration_uncuttable"):
+            cut_narration(wave, "a b", uncuttable, 3.0)
 
 
 def test_other_settings_in_the_same_output_are_refused(converted, corpus):
@@ -274,12 +310,35 @@ def test_csv_manifest_keeps_partial_rows_and_counts_bad_ones(tmp_path):
 def test_jsonl_manifest_rows(tmp_path):
     write_png(tmp_path / "img" / "x.png")
     rows = [{"image": "img/x.png", "text": "a square"}, {"image": 3, "text": "not a path"},
-            {"text": "", "image": None}, {"text": "only text", "source": {"site": "example"}}]
-    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            {"text": "", "image": None}, {"text": "only text", "source": {"site": "example"}},
+            {"text": "a lone surrogate \ud800"}, {"image": "\ud800.png", "text": "a lone surrogate in a path"}]
+    (tmp_path / "m.jsonl").write_text("\ufeff" + "\n\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
     summary = convert_manifest(tmp_path / "m.jsonl", out=tmp_path / "out", progress=False)
-    assert summary["skipped"] == {"row_empty": 1, "row_invalid": 1} and summary["samples_out"] == 2
+    assert summary["samples_in"] == 6 and summary["samples_out"] == 2
+    assert summary["skipped"] == {"image_unreadable": 1, "row_empty": 1, "row_invalid": 2}
     samples = read_samples(tmp_path / "out")
+    assert samples["train_000000000"]["png"] == (tmp_path / "img" / "x.png").read_bytes()
+    assert json.loads(samples["train_000000003"]["json"])["row"] == "m.jsonl:7"
     assert json.loads(samples["train_000000003"]["json"])["fields"] == {"source": {"site": "example"}}
+
+
+def test_csv_byte_order_mark_and_blank_lines_are_not_rows(tmp_path):
+    write_png(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_bytes(b'\xef\xbb\xbf"image","text","audio"\r\n' b"a.png,a blue square,\r\n" b"\r\n"
+                                     b",only text,\r\n" b"   \r\n" b",,\r\n" b"\r\n")
+    summary = convert_manifest(tmp_path / "m.csv", out=tmp_path / "out", shard_size=1, progress=False)
+    assert summary["samples_in"] == 3 and summary["samples_out"] == 2 and summary["skipped"] == {"row_empty": 1}
+    assert [row["source"] for row in summary["skipped_rows"]] == ["m.csv:6"]
+    samples = read_samples(tmp_path / "out")
+    assert samples["train_000000001"]["txt"] == b"only text"
+    assert json.loads(samples["train_000000001"]["json"])["row"] == "m.csv:4"
+
+
+def test_output_that_is_a_file_is_a_user_error(tmp_path):
+    (tmp_path / "m.csv").write_text("image,text,audio\n,a caption,\n")
+    (tmp_path / "out").write_text("")
+    with pytest.raises(UserError, match="not a directory"):
+        convert_manifest(tmp_path / "m.csv", out=tmp_path / "out", progress=False)
 
 
 def test_csv_header_without_the_columns_is_a_user_error(tmp_path):
@@ -291,6 +350,8 @@ def test_csv_header_without_the_columns_is_a_user_error(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--images", "{root}/nope", "--audio", "{root}/audio", "--annotations", "{root}/a.jsonl"], "--images"),
     (["--images", "{root}", "--audio", "{root}", "--annotations", "{root}/missing.jsonl"], "cannot read"),
+    (["--images", "{root}", "--audio", "{root}", "--annotations", "{root}/a.jsonl", "--max-audio-seconds", "nan"],
+     "--max-audio-seconds"),
 ])
 def test_localized_narratives_user_errors_are_one_line(tmp_path, capsys, argv, message):
     argv = [a.format(root=tmp_path) for a in argv]

@@ -264,6 +264,8 @@ def clean_shards(shards: list[str], out: str | Path, settings: CleanSettings, *,
     """Write the samples of ``shards`` that pass the filters into ``out`` (same shard names);
     return the report, also written to ``out`` (see :func:`report_name`)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
     names = [Path(shard).name for shard in shards]
     if len(set(names)) != len(names):
         raise UserError("two input shards share a file name; clean them into separate --out directories")

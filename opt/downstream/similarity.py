@@ -22,14 +22,9 @@ import torch
 from opt.config import DataConfig
 from opt.data.pipeline import Collator
 from opt.data.samples import DecodedSample, SampleDecoder, SkipSample
-from opt.errors import UserError
+from opt.downstream.common import load_model, to_device
 from opt.model.opt_model import OPTModel
 from opt.text.tokenizer import TextTokenizer
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: _to_device(v, device) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
 
 
 class TowerSimilarity:
@@ -50,11 +45,8 @@ class TowerSimilarity:
     def from_pretrained(cls, directory: str | Path, *, pair: tuple[str, str] = ("image", "text"),
                         batch_size: int = 32, device: str = "cpu") -> "TowerSimilarity":
         """Load a model directory (``opt export``) with its ``tokenizer.model``."""
-        tokenizer_path = Path(directory) / "tokenizer.model"
-        if not tokenizer_path.is_file():
-            raise UserError(f"{directory} has no tokenizer.model; export the model together with its tokenizer")
-        model = OPTModel.from_pretrained(directory)
-        return cls(model, TextTokenizer.from_file(tokenizer_path), pair=pair, batch_size=batch_size, device=device)
+        loaded = load_model(directory, device=device)
+        return cls(loaded.model, loaded.tokenizer, pair=pair, batch_size=batch_size, device=device)
 
     def __call__(self, samples: list[dict]) -> list[float | None]:
         scores: list[float | None] = [None] * len(samples)
@@ -68,7 +60,7 @@ class TowerSimilarity:
     @torch.no_grad()
     def score(self, decoded: list[DecodedSample]) -> torch.Tensor:
         """(b,) cosine similarity of the pair for decoded samples that have both sides."""
-        batch = _to_device(self.collate(decoded), self.device)
+        batch = to_device(self.collate(decoded), self.device)
         embeddings = self.model.tower_embeddings(self.model.encode_unimodal(batch, modalities=self.pair))
         first, second = (embeddings[m].float() for m in self.pair)
         return (first * second).sum(dim=-1).cpu()

@@ -83,6 +83,8 @@ def convert_to_shards(converter: Converter, *, name: str, inputs: list[str], row
     if shard_size <= 0 or workers <= 0:
         raise UserError("--shard-size and --workers must be positive")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
     shards, total = plan_shards(inputs, rows, shard_size)
     settings = {"converter": name, "version": FORMAT_VERSION, "prefix": prefix, "shard_size": shard_size,
                 "inputs": [{"name": Path(p).name, "bytes": Path(p).stat().st_size} for p in inputs],

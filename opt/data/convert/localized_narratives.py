@@ -26,6 +26,7 @@ utterances, so speech and text still match; one that cannot be cut that way
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from opt.data.convert.common import Sample, convert_to_shards
-from opt.data.convert.media import SAMPLE_RATE, Skip, encode_flac, inside, read_image, read_speech
+from opt.data.convert.media import SAMPLE_RATE, Skip, encode_flac, encode_text, inside, read_image, read_speech
 from opt.data.convert.rows import JsonLines, Row
 from opt.errors import UserError
 
@@ -48,13 +49,17 @@ class Utterance:
 
 
 def parse_timed_caption(value: object) -> list[Utterance]:
-    """The ``timed_caption`` list; :class:`Skip` (``row_invalid``) if it is malformed."""
+    """The ``timed_caption`` list; :class:`Skip` (``row_invalid``) if it is malformed
+    (not a list of objects with an utterance and finite, non-negative times)."""
     if value is None:
         return []
     try:
-        return [Utterance(str(u["utterance"]), float(u["start_time"]), float(u["end_time"])) for u in value]
+        timed = [Utterance(str(u["utterance"]), float(u["start_time"]), float(u["end_time"])) for u in value]
     except (TypeError, KeyError, ValueError):
         raise Skip("row_invalid", "malformed timed_caption") from None
+    if not all(math.isfinite(t) and t >= 0 for u in timed for t in (u.start_time, u.end_time)):
+        raise Skip("row_invalid", "timed_caption with a negative or non-finite time")
+    return timed
 
 
 def cut_narration(wave: np.ndarray, caption: str, timed: list[Utterance],
@@ -71,10 +76,11 @@ def cut_narration(wave: np.ndarray, caption: str, timed: list[Utterance],
             break
         kept.append(utterance)
     text = " ".join(u.utterance.strip() for u in kept if u.utterance.strip())
-    if not text:
+    end = round(kept[-1].end_time * SAMPLE_RATE) if kept else 0
+    if not text or end == 0:
         raise Skip("narration_uncuttable", f"{len(wave) / SAMPLE_RATE:.1f} s without an utterance that ends "
                                            f"within {max_seconds:g} s")
-    return wave[: round(kept[-1].end_time * SAMPLE_RATE)], text, kept, True
+    return wave[:end], text, kept, True
 
 
 @dataclass
@@ -110,13 +116,13 @@ class LocalizedNarratives:
             "narration_cut": cut,
             "timed_caption": [vars(u) for u in kept],
         }
-        members = {extension: image, "txt": text.encode("utf-8"), "flac": encode_flac(wave),
+        members = {extension: image, "txt": encode_text(text), "flac": encode_flac(wave),
                    "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
         return Sample(members, ["narration_cut"] if cut else [])
 
     def find_image(self, image_id: str) -> Path:
         direct = inside(self.images, f"{image_id}.jpg")
-        if direct.is_file():
+        if os.path.isfile(direct):  # unlike Path.is_file, False for a name too long for the file system
             return direct
         if self._nested is None:
             self._nested = _jpeg_index(self.images)
@@ -126,7 +132,7 @@ class LocalizedNarratives:
 
     def find_audio(self, recording: str) -> Path:
         path = inside(self.audio, recording)
-        if path.is_file():
+        if os.path.isfile(path):
             return path
         return self.audio / path.name
 
@@ -154,7 +160,7 @@ def convert_localized_narratives(annotations: list[str], *, images: str | Path, 
                                  max_audio_seconds: float = 10.0, progress: bool = True) -> dict:
     """Convert Localized Narratives annotation files into ``out``; returns the summary
     (see :mod:`opt.data.convert.common`)."""
-    if max_audio_seconds < 0:
+    if not max_audio_seconds >= 0:  # also refuses nan
         raise UserError(f"--max-audio-seconds must be >= 0, got {max_audio_seconds}")
     if not annotations:
         raise UserError("--annotations names no file")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opt.data.convert.common import Sample, convert_to_shards
-from opt.data.convert.media import SAMPLE_RATE, Skip, encode_flac, inside, read_image, read_speech
+from opt.data.convert.media import SAMPLE_RATE, Skip, encode_flac, encode_text, inside, read_image, read_speech
 from opt.data.convert.rows import MANIFEST_COLUMNS, CsvRows, JsonLines, Row
 from opt.errors import UserError
 
@@ -45,7 +45,7 @@ class Manifest:
             extension, members[extension], image_meta = read_image(inside(self.root, values["image"]))
             meta |= {"image": values["image"], **image_meta}
         if values["text"]:
-            members["txt"] = values["text"].encode("utf-8")
+            members["txt"] = encode_text(values["text"])
         if values["audio"]:
             wave, seconds = read_speech(inside(self.root, values["audio"]))
             members["flac"] = encode_flac(wave)

@@ -7,7 +7,7 @@ conversion summary (``image_missing``, ``audio_corrupt``, ``path_escapes`` ...).
   that lands outside the root (``..``, an absolute path elsewhere) is refused
   as ``path_escapes`` before anything is opened. The check is lexical: symbolic
   links the user placed inside a root are followed.
-* Images: fully decoded with PIL to prove they are whole; JPEG, PNG and WebP
+* Images: fully decoded with PIL to prove they are whole; JPEG (MPO included), PNG and WebP
   keep their original bytes, any other format is re-encoded to JPEG (quality 95).
   The original size is returned for the metadata; size filters belong to cleaning.
 * Speech: read with soundfile (wav, flac, ogg), down-mixed to mono, resampled to
@@ -32,7 +32,8 @@ from PIL import Image
 from opt.data.audio import AudioDecodeError, decode_audio
 
 SAMPLE_RATE = 16000
-KEPT_IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> shard extension
+# PIL format -> shard extension; MPO is a camera JPEG with extra frames, which every JPEG reader decodes
+KEPT_IMAGE_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 class Skip(Exception):
@@ -63,6 +64,8 @@ def read_file(path: Path, modality: str) -> bytes:
         raise Skip(f"{modality}_missing", path.name) from None
     except OSError as error:
         raise Skip(f"{modality}_unreadable", f"{path.name}: {error.strerror or error}") from None
+    except ValueError:  # a name the file system cannot encode (a lone surrogate from a JSON escape)
+        raise Skip(f"{modality}_unreadable", f"{path.name!r}: not a valid file name") from None
     if not payload:
         raise Skip(f"{modality}_empty", path.name)
     return payload
@@ -102,9 +105,19 @@ def read_speech(path: Path) -> tuple[np.ndarray, float]:
     wave = np.ascontiguousarray(channels.mean(axis=0))
     if rate != SAMPLE_RATE:
         wave = AF.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
+    if len(wave) == 0:
+        raise Skip("audio_empty", f"{path.name}: no samples at {SAMPLE_RATE} Hz")
     if not np.isfinite(wave).all():
         raise Skip("audio_corrupt", f"{path.name}: non-finite samples")
     return wave, channels.shape[1] / rate
+
+
+def encode_text(text: str) -> bytes:
+    """UTF-8 bytes of a caption; :class:`Skip` (``row_invalid``) for a lone surrogate from a JSON escape."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Skip("row_invalid", "text is not valid Unicode (a lone surrogate)") from None
 
 
 def encode_flac(wave: np.ndarray) -> bytes:

@@ -1,12 +1,12 @@
 """Input rows of a conversion: JSON Lines or CSV files, planned into shards.
 
 A conversion numbers the rows of its input files in order (blank lines are not
-rows), and shard ``i`` holds rows ``[i * shard_size, (i + 1) * shard_size)``
-whatever happens to them, so a shard's content depends only on the input and
-never on the worker count or on which rows were skipped. Planning scans the
-files once and keeps only the byte offset where each shard's rows begin; a
-worker seeks there and reads its own rows, so no process holds a whole
-(multi-gigabyte) annotation file in memory.
+rows; a UTF-8 byte order mark is ignored), and shard ``i`` holds rows
+``[i * shard_size, (i + 1) * shard_size)`` whatever happens to them, so a
+shard's content depends only on the input and never on the worker count or on
+which rows were skipped. Planning scans the files once and keeps only the byte
+offset where each shard's rows begin; a worker seeks there and reads its own
+rows, so no process holds a whole (multi-gigabyte) annotation file in memory.
 """
 
 from __future__ import annotations
@@ -56,9 +56,12 @@ class _Lines:
         raw = self.file.readline()
         if not raw:
             raise StopIteration
+        text = raw.decode("utf-8", errors="replace")
+        if self.offset == 0:
+            text = text.removeprefix("\ufeff")  # the byte order mark spreadsheet programs write
         self.offset += len(raw)
         self.line += 1
-        return raw.decode("utf-8", errors="replace")
+        return text
 
 
 def _open(path: str) -> BinaryIO:
@@ -111,10 +114,13 @@ class CsvRows:
         """The column names and the offset and line number of the first data row."""
         with _open(path) as file:
             lines = _Lines(file, 0, 1)
-            names = next(csv.reader(lines), None)
+            try:
+                names = next(csv.reader(lines), None)
+            except csv.Error as error:
+                raise UserError(f"{path}: unreadable CSV header ({error})") from None
             if names is None:
                 raise UserError(f"{path}: empty CSV file (expected a header: {', '.join(MANIFEST_COLUMNS)})")
-            names = [name.strip().lstrip("\ufeff") for name in names]
+            names = [name.strip() for name in names]
             missing = [column for column in MANIFEST_COLUMNS if column not in names]
             if missing or len(set(names)) != len(names):
                 raise UserError(f"{path}: the CSV header must name the columns {', '.join(MANIFEST_COLUMNS)} "
@@ -129,29 +135,40 @@ class CsvRows:
             while True:
                 start = (lines.offset, lines.line)
                 try:
-                    next(reader)
+                    values = next(reader)
                 except StopIteration:
                     return
                 except csv.Error:
-                    pass  # still a row; reading it again reports the problem
-                yield start
+                    values = None  # still a row; reading it again reports the problem
+                if values is None or not _blank(values):
+                    yield start
 
     def read(self, segment: Segment) -> Iterator[tuple[int, dict | None, str]]:
         names, _, _ = self.header(segment.path)
         with _open(segment.path) as file:
             lines = _Lines(file, segment.offset, segment.line)
             reader = csv.reader(lines)
-            for _ in range(segment.rows):
+            done = 0
+            while done < segment.rows:
                 line = lines.line
                 try:
                     values = next(reader)
                 except csv.Error as error:
+                    done += 1
                     yield line, None, f"malformed CSV ({error})"
                     continue
+                if _blank(values):
+                    continue
+                done += 1
                 if len(values) != len(names):
                     yield line, None, f"{len(values)} fields for {len(names)} columns"
                 else:
                     yield line, dict(zip(names, values)), ""
+
+
+def _blank(values: list[str]) -> bool:
+    """A blank or whitespace-only line, which is not a row (``,,`` is one: a row of empty fields)."""
+    return len(values) <= 1 and not "".join(values).strip()
 
 
 RowFormat = JsonLines | CsvRows
