@@ -21,12 +21,34 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The whole pipeline on the embedded synthetic world. Each stage writes its output
+# atomically and is skipped when that output exists; pretraining resumes from its
+# newest checkpoint. `make clean-demo` starts over.
+DEMO_CONFIG := configs/tiny.yaml
+DEMO_VQ_STEPS := 700
+DEMO_STEPS := 1400
+
+demo: $(STAMP) $(DEMO_RUN)/report/report.md
+	@echo "demo: report in $(DEMO_RUN)/report/report.md (model in $(DEMO_RUN)/model)"
+
+$(WORLD)/manifest.json: | $(STAMP)
 	$(BIN)/opt data synth --out $(WORLD) --train 4000 --val 400 --test 500 --test-novel 500 --seed 0 --workers 2
-	$(BIN)/opt tokenizer train --data '$(WORLD)/train-*.tar' --out data/tokenizer.model --vocab-size 512
-	$(BIN)/opt data check --config configs/tiny.yaml --data '$(WORLD)/val-*.tar'
 	$(BIN)/opt data preview --data '$(WORLD)/test-*.tar' --out $(DEMO_RUN)/world_preview.png
-	@echo "demo: world in $(WORLD), tokenizer in data/tokenizer.model, preview in $(DEMO_RUN)/world_preview.png"
+
+data/tokenizer.model: $(WORLD)/manifest.json
+	$(BIN)/opt tokenizer train --data '$(WORLD)/train-*.tar' --out data/tokenizer.model --vocab-size 512
+
+$(DEMO_RUN)/vq/metrics.json: $(WORLD)/manifest.json
+	$(BIN)/opt vq train --config $(DEMO_CONFIG) --data '$(WORLD)/train-*.tar' --val '$(WORLD)/val-*.tar' \
+		--out $(DEMO_RUN)/vq vq_train.steps=$(DEMO_VQ_STEPS)
+
+$(DEMO_RUN)/model/config.json: data/tokenizer.model $(DEMO_RUN)/vq/metrics.json
+	$(BIN)/opt train --config $(DEMO_CONFIG) --run-dir $(DEMO_RUN)/train train.vq_path=$(DEMO_RUN)/vq \
+		train.steps=$(DEMO_STEPS)
+	$(BIN)/opt export $(DEMO_RUN)/train --out $(DEMO_RUN)/model
+
+$(DEMO_RUN)/report/report.md: $(DEMO_RUN)/model/config.json
+	$(BIN)/opt eval --model $(DEMO_RUN)/model --data $(WORLD) --out $(DEMO_RUN)/report --run-dir $(DEMO_RUN)/train --rerank-k 10
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

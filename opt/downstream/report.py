@@ -89,8 +89,9 @@ def _caption_grid(split: EncodedSplit, shown: dict, out: Path) -> Path:
     images, titles = [], []
     for key in keys:
         images.append(split.pixels[split.keys.index(key)])
-        titles.append(f"image: {keys[key].caption}\naudio: {from_audio.get(key, '-')}\ntruth: {keys[key].reference}")
-    return save_image_grid(images, out, titles=titles, columns=4)
+        titles.append(f"from image: {keys[key].caption}\nfrom audio: {from_audio.get(key, '-')}\n"
+                      f"truth: {keys[key].reference}")
+    return save_image_grid(images, out, titles=titles, columns=4, title_lines=10)
 
 
 def evaluate_model(loaded: LoadedModel, data: str | Path, out: str | Path, *, settings: EvalSettings,

@@ -39,6 +39,20 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def sincos_2d(side: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (side * side, width), row-major like the patches."""
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                          indexing="ij")
+    parts = []
+    for coordinate in (x.reshape(-1), y.reshape(-1)):
+        angles = coordinate[:, None] * frequencies[None, :]
+        parts += [angles.sin(), angles.cos()]
+    embedding = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(embedding, (0, width - embedding.shape[1]))
+
+
 class MaskableVisionTransformer(VisionTransformer):
     """timm's ViT whose forward can replace some patch embeddings before positions are added.
 
@@ -70,6 +84,9 @@ class VisionEncoder(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(config.width))
         self.project = nn.Linear(config.width, out_width)
         self.patches = (image_size // config.patch_size) ** 2
+        if not config.pretrained_path:  # start positions informative, as MAE does; they stay learnable
+            with torch.no_grad():
+                self.vit.pos_embed.copy_(sincos_2d(image_size // config.patch_size, config.width)[None])
         self.pool = config.pool
 
     def forward(self, pixels: torch.Tensor, *, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
