@@ -25,20 +25,22 @@ $(STAMP): pyproject.toml requirements.lock
 # atomically and is skipped when that output exists; pretraining resumes from its
 # newest checkpoint. `make clean-demo` starts over.
 DEMO_CONFIG := configs/tiny.yaml
-DEMO_VQ_STEPS := 700
-DEMO_STEPS := 1400
+DEMO_VQ_STEPS := 600
+DEMO_STEPS := 1300
 
 demo: $(STAMP) $(DEMO_RUN)/report/report.md
 	@echo "demo: report in $(DEMO_RUN)/report/report.md (model in $(DEMO_RUN)/model)"
 
-$(WORLD)/manifest.json: | $(STAMP)
+# synth resumes by itself (finished shards are kept); the stamp marks a complete world
+$(WORLD)/.complete: | $(STAMP)
 	$(BIN)/opt data synth --out $(WORLD) --train 4000 --val 400 --test 500 --test-novel 500 --seed 0 --workers 2
 	$(BIN)/opt data preview --data '$(WORLD)/test-*.tar' --out $(DEMO_RUN)/world_preview.png
+	touch $@
 
-data/tokenizer.model: $(WORLD)/manifest.json
+data/tokenizer.model: $(WORLD)/.complete
 	$(BIN)/opt tokenizer train --data '$(WORLD)/train-*.tar' --out data/tokenizer.model --vocab-size 512
 
-$(DEMO_RUN)/vq/metrics.json: $(WORLD)/manifest.json
+$(DEMO_RUN)/vq/metrics.json: $(WORLD)/.complete
 	$(BIN)/opt vq train --config $(DEMO_CONFIG) --data '$(WORLD)/train-*.tar' --val '$(WORLD)/val-*.tar' \
 		--out $(DEMO_RUN)/vq vq_train.steps=$(DEMO_VQ_STEPS)
 

@@ -159,6 +159,9 @@ def render_report(results: dict, figures: dict[str, str], model_name: str) -> st
               "relation the caption states correctly.", ""]
     lines += _table(results, "captioning", list(INPUTS),
                     ["attribute_accuracy", "bleu_4", "meteor", "rouge_l", "cider", "wer"]) + [""]
+    lines += ["Per attribute (fraction of objects stated correctly):", ""]
+    lines += _table(results, "captioning", list(INPUTS),
+                    ["attribute_color", "attribute_size", "attribute_shape", "attribute_position_or_relation"]) + [""]
     lines += ["## Text to image", "", "Attribute accuracy: the analyser finds every object with the prompt's "
               "colour, size and position or relation (shape reported apart).", ""]
     lines += _table(results, "text_to_image", ["text"],
