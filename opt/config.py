@@ -160,6 +160,7 @@ class TasksConfig:
     mvm_rate: float = 0.15  # image patches hidden; targets are their VQ codes
     mam_rate: float = 0.15  # audio frames hidden; the true frame is found among in-batch negatives
     mam_temperature: float = 0.1  # InfoNCE temperature of masked audio modelling
+    mam_negatives: int = 10  # negatives per hidden frame, drawn from the batch's hidden frames (0 = all of them)
     condition_dropout: float = 0.1  # image decoding: conditions replaced by the null context (guidance)
     itm_modality_drop: float = 0.3  # ITM: probability a sample loses its image or its audio (labels follow)
     queue_size: int = 1024  # contrastive: momentum embeddings kept per modality as extra negatives

@@ -80,8 +80,9 @@ class MaskedVisionModeling:
 
 
 class MaskedAudioModeling:
-    """Hidden audio frames (after the conv front end) are identified among all hidden
-    frames of the batch by InfoNCE against the front end's true frame features."""
+    """Hidden audio frames (after the conv front end) are identified by InfoNCE against
+    the front end's true frame features, among ``mam_negatives`` other hidden frames
+    of the batch drawn at random (the paper's 10), or among all of them (0)."""
 
     name = "mam"
 
@@ -96,7 +97,15 @@ class MaskedAudioModeling:
         fused = model.fuse(unimodal)
         predicted = F.normalize(model.heads["mam"](_span(fused, "audio")[hidden]).float(), dim=-1)
         targets = F.normalize(unimodal["audio"]["frames"][hidden].detach().float(), dim=-1)
-        logits = predicted @ targets.T / self.config.mam_temperature  # (m, m): diagonal is the true frame
-        labels = torch.arange(logits.shape[0], device=logits.device)
+        count, negatives = predicted.shape[0], self.config.mam_negatives
+        if 0 < negatives < count - 1:  # the true frame (column 0) among sampled hidden frames of the batch
+            others = torch.randint(count - 1, (count, negatives), generator=generator)
+            others = others + (others >= torch.arange(count)[:, None]).long()  # never the frame itself
+            candidates = torch.cat([torch.arange(count)[:, None], others], dim=1).to(predicted.device)
+            logits = (predicted[:, None, :] * targets[candidates]).sum(-1) / self.config.mam_temperature
+            labels = torch.zeros(count, dtype=torch.long, device=logits.device)
+        else:  # every hidden frame of the batch is a candidate: (m, m), the diagonal is the true frame
+            logits = predicted @ targets.T / self.config.mam_temperature
+            labels = torch.arange(count, device=logits.device)
         loss = F.cross_entropy(logits, labels)
         return TaskOutput(loss, {"loss": loss.item(), "accuracy": accuracy(logits, labels)})
