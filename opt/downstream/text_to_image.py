@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from opt.data.audio import AudioFrontEnd, pad_frames
-from opt.downstream.common import EncodedSplit, LoadedModel
+from opt.downstream.common import EncodedSplit, LoadedModel, to_device
 from opt.downstream.image_analysis import score_image
 from opt.downstream.world_attributes import aggregate
 from opt.errors import UserError
@@ -45,8 +45,7 @@ def prompt_batch(loaded: LoadedModel, prompts: list[str], audio: list[bytes] | N
         features, mask = pad_frames([front.features(front.waveform(clip).samples) for clip in audio],
                                     spec.audio.n_mels)
         batch["audio"] = {"features": features, "mask": mask, "present": present}
-    return {k: ({n: t.to(loaded.device) for n, t in v.items()} if isinstance(v, dict) else v)
-            for k, v in batch.items()}
+    return to_device(batch, loaded.device)
 
 
 @torch.no_grad()
