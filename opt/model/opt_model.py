@@ -135,7 +135,10 @@ class OPTModel(nn.Module):
         })
         for name in ("cross", "text_decoder", "image_decoder", "towers", "heads"):
             getattr(self, name).apply(init_weights)
-        self.encoders["audio"].transformer.apply(init_weights)
+        # the audio positions start small like BERT's (an N(0, 1) start is ~35x the front end's
+        # frames and drowns them: audio-text alignment learned several times slower)
+        for part in (self.encoders["audio"].transformer, self.encoders["audio"].positions):
+            part.apply(init_weights)
         # The VQ tokenizer is trained separately (opt vq train) and frozen here. It is a plain
         # attribute, not a submodule: optimizers, mixed-precision casts and ZeRO partitioning
         # never see it, so it stays whole and in fp32. It follows the inputs' device.

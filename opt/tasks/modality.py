@@ -27,6 +27,15 @@ def _choose(options, generator: torch.Generator):
     return options[int(torch.randint(len(options), (1,), generator=generator))]
 
 
+def _sources(task: str, batch: dict, generator: torch.Generator) -> tuple[str, ...]:
+    """One of the task's conditions among those whose modalities the batch carries
+    (a run with ``data.modalities`` [text, image] has no audio to condition on)."""
+    options = [c for c in CONDITIONS[task] if all(m in batch for m in c)]
+    if not options:
+        raise ValueError(f"{task}: the batch has none of its condition modalities")
+    return _choose(options, generator)
+
+
 class TextDecoding:
     name = "td"
 
@@ -35,7 +44,7 @@ class TextDecoding:
         self.label_smoothing = label_smoothing
 
     def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
-        sources = _choose(CONDITIONS["td"], random.choice)
+        sources = _sources("td", batch, random.choice)
         fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
         ids, mask = batch["text"]["ids"], batch["text"]["mask"] & batch["text"]["present"][:, None]
         logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
@@ -55,7 +64,7 @@ class ImageDecoding:
 
     def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
         decoder = model.image_decoder
-        sources = _choose(CONDITIONS["id"], random.choice)
+        sources = _sources("id", batch, random.choice)
         fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
         context, context_mask = fused["states"], fused["mask"]
         size = context.shape[0]
