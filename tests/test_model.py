@@ -216,3 +216,13 @@ def test_wav2vec2_front_encodes_raw_waveforms(tokenizer):
     batch = dummy_batch(model, 2)
     out = model.encode_unimodal(batch, modalities=("audio",))["audio"]
     assert out["tokens"].shape[1] == out["mask"].shape[1] == min(6 * 16000 // 320 - 1, 256)
+
+
+def test_audio_positions_start_smaller_than_the_front_ends_frames(model_and_batch):
+    """Positions drawn N(0, 1) were ~35x the frames' norm and drowned them (audio learned far slower)."""
+    model, batch = model_and_batch
+    audio = model.encoders["audio"]
+    frames, mask = audio.front(batch["audio"]["features"], batch["audio"]["mask"])
+    frame_norm = frames[mask].norm(dim=-1).mean()
+    position_norm = audio.positions.weight.norm(dim=-1).mean()
+    assert position_norm < 2 * frame_norm

@@ -127,3 +127,16 @@ def test_contrastive_state_includes_momentum_encoders_and_queues(small_setup):
     task(model, batch, mixture.random)
     assert int(task.queue_pointer) == 8 and int(task.queue_filled) == 8
     assert not torch.equal(before[:8], task.queue_image[:8]) and torch.equal(before[8:], task.queue_image[8:])
+
+
+@pytest.mark.parametrize("name", ["td", "id"])
+def test_generation_tasks_condition_only_on_modalities_the_batch_has(small_setup, name):
+    config, model, batch = small_setup
+    text_image = {key: value for key, value in batch.items() if key != "audio"}  # a run with data.modalities [text, image]
+    mixture = TaskMixture(config, model)
+    seen = set()
+    for _ in range(12):  # the old draw over all three conditions picked audio alone with p = 1/3 each time
+        output = mixture.task(name)(model, text_image, mixture.random)
+        assert torch.isfinite(output.loss)
+        seen |= {key for key in output.metrics if key.startswith("accuracy_from_")}
+    assert seen <= {"accuracy_from_image"}  # td's only source without audio (id reports no source)
