@@ -28,6 +28,7 @@ class AudioConfig:
     n_fft: int = 400  # FFT size in samples (25 ms at 16 kHz)
     hop_length: int = 160  # frame step in samples (10 ms at 16 kHz)
     max_seconds: float = 6.0  # longer audio is clipped, shorter is padded (and masked)
+    mean_normalize: bool = True  # subtract each utterance's mean per mel band (cepstral mean normalisation)
 
 
 @dataclass

@@ -74,3 +74,12 @@ def test_padding_masks_only_real_frames():
 def test_garbage_bytes_raise_a_decode_error():
     with pytest.raises(AudioDecodeError):
         decode_audio(b"RIFF\x00\x00garbage")
+
+
+def test_mean_normalized_features_have_zero_mean_per_band():
+    front = AudioFrontEnd(AudioConfig())
+    samples = torch.sin(torch.linspace(0, 2000, 16000)) * torch.linspace(0.1, 1.0, 16000)
+    features = front.features(samples)
+    assert features.mean(dim=0).abs().max() < 1e-5
+    raw = AudioFrontEnd(AudioConfig(mean_normalize=False)).features(samples)
+    torch.testing.assert_close(features, raw - raw.mean(dim=0, keepdim=True))

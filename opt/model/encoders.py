@@ -187,7 +187,7 @@ def _pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 class AudioEncoder(nn.Module):
     """Audio features -> frame tokens. ``frames`` in the output are the front end's
-    outputs before the transformer (the targets of masked audio modelling)."""
+    layer-normalised outputs before the transformer (the targets of masked audio modelling)."""
 
     def __init__(self, config: AudioEncoderConfig, *, n_mels: int, max_positions: int, out_width: int,
                  mlp_ratio: int = 4, dropout: float = 0.0) -> None:
@@ -198,6 +198,7 @@ class AudioEncoder(nn.Module):
             self.front = Wav2Vec2ConvFront(width=config.width)
         self.positions = nn.Embedding(max_positions, config.width)
         self.mask_embedding = nn.Parameter(torch.zeros(config.width))
+        self.front_norm = nn.LayerNorm(config.width)  # as wav2vec 2.0's feature projection: frames at unit scale
         self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
                                        mlp_ratio=mlp_ratio, dropout=dropout)
         self.project = nn.Linear(config.width, out_width)
@@ -213,7 +214,7 @@ class AudioEncoder(nn.Module):
                 hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``features`` (b, f, n_mels) or a waveform (b, n); ``hidden`` (b, frames) masks frames."""
         frames, frame_mask = self.front(features, mask)
-        frames, frame_mask = frames[:, : self.max_positions], frame_mask[:, : self.max_positions]
+        frames, frame_mask = self.front_norm(frames[:, : self.max_positions]), frame_mask[:, : self.max_positions]
         x = frames if hidden is None else torch.where(hidden[..., None], self.mask_embedding.to(frames.dtype), frames)
         x = x + self.positions(torch.arange(x.shape[1], device=x.device))
         x = self.transformer(x, mask=attention_mask(frame_mask, x.shape[1]))
