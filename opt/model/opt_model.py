@@ -195,8 +195,13 @@ class OPTModel(nn.Module):
         Align before fuse: the head sees the towers' text-image, text-audio and
         image-audio similarities (0 where a modality is absent) beside the
         cross-modal [CLS], so matching starts from what contrastive alignment
-        learned and the cross encoder adds what the towers miss.
+        learned and the cross encoder adds what the towers miss. The cosines
+        enter as the contrastive logits (times the learned scale, not trained
+        from here): raw cosines in [-1, 1] beside the [CLS] features were nearly
+        ignored (a head trained 80 steps on a fixed model reached 0.46 5-way
+        accuracy with raw cosines, 0.77 with scaled ones).
         """
+        scale = self.temperature().detach()
         towers = self.tower_embeddings(unimodal)
         present = {m: out["mask"].any(dim=1) for m, out in unimodal.items()}
         cls = fused["cls"]
@@ -204,7 +209,7 @@ class OPTModel(nn.Module):
         for a, b in TOWER_PAIRS:
             if a in towers and b in towers:
                 both = (present[a] & present[b]).to(cls.dtype)
-                similarities.append((towers[a] * towers[b]).sum(-1).to(cls.dtype) * both)
+                similarities.append((scale * (towers[a] * towers[b]).sum(-1)).to(cls.dtype) * both)
             else:
                 similarities.append(cls.new_zeros(cls.shape[0]))
         return self.heads["itm"](torch.cat([cls, torch.stack(similarities, dim=-1)], dim=-1))
