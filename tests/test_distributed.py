@@ -18,7 +18,7 @@ from opt.config import load_config
 from opt.data.pipeline import BatchLoader
 from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import fp32_state_dict
-from opt.engine.trainer import learning_rate_factor, parameter_groups
+from opt.engine.trainer import build_optimizer
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.tasks.mixture import TaskMixture
 from opt.text.tokenizer import TextTokenizer
@@ -60,18 +60,13 @@ def one_process(overrides) -> dict[str, torch.Tensor]:
     model = OPTModel(ModelSpec.from_config(config, tokenizer))
     mixtures, batches = [], []
     for rank in range(RANKS):
-        mixture = TaskMixture(config, model)  # one per rank: its own queues and mask generator
-        mixture.random.mask.manual_seed(config.train.seed + 1 + 1000 * (rank + 1))
-        mixtures.append(mixture)
+        mixtures.append(TaskMixture(config, model, rank=rank))  # one per rank: its own queues and mask generator
         with pytest.MonkeyPatch.context() as patch:  # webdataset seeds each rank's shard stream from these
             patch.setenv("RANK", str(rank))
             patch.setenv("WORLD_SIZE", str(RANKS))
             stream = iter(BatchLoader(config.data.train, config, tokenizer, train=True))
             batches.append([next(stream) for _ in range(STEPS)])
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.train.weight_decay), lr=config.train.lr,
-                                  betas=tuple(config.train.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
-        step, warmup=config.train.warmup_steps, total=config.train.steps, schedule=config.train.schedule))
+    optimizer, scheduler = build_optimizer(model, config)
     for step in range(STEPS):
         for rank in range(RANKS):
             loss, _ = mixtures[rank](model, batches[rank][step])

@@ -58,6 +58,15 @@ def learning_rate_factor(step: int, *, warmup: int, total: int, schedule: str) -
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
+def build_optimizer(model: torch.nn.Module, config: Config):
+    """AdamW over ``parameter_groups`` and its warmup-then-decay schedule, from ``train.*``."""
+    train = config.train
+    optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
+        step, warmup=train.warmup_steps, total=train.steps, schedule=train.schedule))
+    return optimizer, scheduler
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (to_device(v, device) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v)
             for k, v in batch.items()}
@@ -99,10 +108,7 @@ class Trainer:
         if config.train.vq_path:
             model.load_vq(config.train.vq_path)
         self.mixture = TaskMixture(config, model)
-        optimizer = torch.optim.AdamW(parameter_groups(model, config.train.weight_decay), lr=config.train.lr,
-                                      betas=tuple(config.train.betas))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
-            step, warmup=config.train.warmup_steps, total=config.train.steps, schedule=config.train.schedule))
+        optimizer, scheduler = build_optimizer(model, config)
         self.backend = DeepSpeedBackend(model, optimizer, scheduler, config)
         self.model: OPTModel = self.backend.module
         self.mixture.to(self.device)

@@ -43,7 +43,8 @@ def build_tasks(config: Config, model: OPTModel) -> dict:
 class TaskMixture(nn.Module):
     """Runs the tasks; a module so the contrastive task's state travels with it."""
 
-    def __init__(self, config: Config, model: OPTModel) -> None:
+    def __init__(self, config: Config, model: OPTModel, *, rank: int | None = None) -> None:
+        """``rank`` seeds the per-process mask generator (default: this process's distributed rank)."""
         super().__init__()
         tasks = build_tasks(config, model)
         if not tasks:
@@ -53,7 +54,8 @@ class TaskMixture(nn.Module):
         self.stateless = {n: t for n, t in tasks.items() if not isinstance(t, nn.Module)}
         self.weights = torch.tensor([config.tasks.weights[n] for n in self.names], dtype=torch.float)
         self.mode = config.tasks.mode
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank is None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.random = TaskRandom(choice=torch.Generator().manual_seed(config.train.seed + 1),
                                  mask=torch.Generator().manual_seed(config.train.seed + 1 + 1000 * (rank + 1)))
 

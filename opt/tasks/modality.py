@@ -23,17 +23,13 @@ CONDITIONS = {"td": (("image",), ("audio",), ("image", "audio")),
               "id": (("text",), ("audio",), ("text", "audio"))}
 
 
-def _choose(options, generator: torch.Generator):
-    return options[int(torch.randint(len(options), (1,), generator=generator))]
-
-
 def _sources(task: str, batch: dict, generator: torch.Generator) -> tuple[str, ...]:
     """One of the task's conditions among those whose modalities the batch carries
     (a run with ``data.modalities`` [text, image] has no audio to condition on)."""
     options = [c for c in CONDITIONS[task] if all(m in batch for m in c)]
     if not options:
         raise ValueError(f"{task}: the batch has none of its condition modalities")
-    return _choose(options, generator)
+    return options[int(torch.randint(len(options), (1,), generator=generator))]
 
 
 class TextDecoding:
