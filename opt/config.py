@@ -94,6 +94,7 @@ class AudioEncoderConfig:
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
     pool: str = "mean"  # two-tower pooling over real frames: mean | max
+    distance_bias: bool = True  # ALiBi: self-attention logits fall linearly with frame distance, per head
 
 
 @dataclass
@@ -161,7 +162,7 @@ class TasksConfig:
     mvm_rate: float = 0.15  # image patches hidden; targets are their VQ codes
     mam_rate: float = 0.15  # audio frames hidden; the true frame is found among in-batch negatives
     mam_temperature: float = 0.1  # InfoNCE temperature of masked audio modelling
-    mam_negatives: int = 10  # negatives per hidden frame, drawn from the batch's hidden frames (0 = all of them)
+    mam_negatives: int = 10  # distractors per hidden frame, other frames of its own utterance (0 = all of them)
     condition_dropout: float = 0.1  # image decoding: conditions replaced by the null context (guidance)
     itm_modality_drop: float = 0.3  # ITM: probability a sample loses its image or its audio (labels follow)
     queue_size: int = 1024  # contrastive: momentum embeddings kept per modality as extra negatives

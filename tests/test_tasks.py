@@ -11,7 +11,7 @@ from opt.model.opt_model import ModelSpec, OPTModel
 from opt.tasks.base import drop_modalities, select_positions
 from opt.tasks.mixture import TaskMixture
 from opt.tasks.sample import itm_assignment
-from opt.tasks.token import FIRST_ORDINARY_ID, mask_text_ids
+from opt.tasks.token import FIRST_ORDINARY_ID, mask_text_ids, same_utterance_logits
 from tests.test_model import SMALL
 
 
@@ -43,6 +43,34 @@ def test_mlm_masks_15_percent_with_80_10_10():
     assert random == pytest.approx(0.1, abs=0.015)
     assert (masked[~selected] == ids[~selected]).all()
     assert (masked[selected & (masked != 4)] >= FIRST_ORDINARY_ID).all()
+
+
+def test_mam_distractors_are_other_real_frames_of_the_same_utterance():
+    generator = torch.Generator().manual_seed(3)
+    frames = torch.eye(12)[None].repeat(3, 1, 1)  # frame j of every utterance is the one-hot e_j
+    lengths = torch.tensor([12, 6, 4])
+    valid = torch.arange(12)[None] < lengths[:, None]
+    rows, positions = torch.tensor([0, 0, 1, 2]), torch.tensor([3, 11, 5, 0])
+    predicted = frames[rows, positions] * 2.0  # similarity 2 with the true frame, 0 with every other
+    logits, labels = same_utterance_logits(predicted, frames[rows], valid[rows], positions, negatives=10,
+                                           generator=generator)
+    assert logits.shape == (4, 11) and (labels == 0).all()
+    assert (logits[:, 0] == 2.0).all()
+    finite = logits[:, 1:].isfinite().sum(1)
+    assert finite.tolist() == [10, 10, 5, 3]  # at most the utterance's other frames, never the true one
+    assert (logits[:, 1:][logits[:, 1:].isfinite()] == 0).all()
+    every, positions_as_labels = same_utterance_logits(predicted, frames[rows], valid[rows], positions,
+                                                       negatives=0, generator=generator)
+    assert (positions_as_labels == positions).all() and every.shape == (4, 12)
+    assert every.isfinite().sum(1).tolist() == [12, 12, 6, 4]
+    # the distractors are drawn evenly among the utterance's other frames
+    scores = []
+    for _ in range(300):
+        logits_one, _ = same_utterance_logits(torch.arange(12.0)[None], torch.eye(12)[None], valid[:1],
+                                              torch.tensor([0]), negatives=3, generator=generator)
+        scores += logits_one[0, 1:].long().tolist()  # the similarity is the frame index
+    counts = torch.bincount(torch.tensor(scores), minlength=12)
+    assert counts[0] == 0 and (counts[1:] > 50).all()  # each other frame drawn ~82 times of 900
 
 
 def test_five_way_itm_composition():

@@ -28,7 +28,7 @@ from transformers import BertConfig, BertModel
 
 from opt.config import AudioEncoderConfig, TextEncoderConfig, VisionConfig
 from opt.errors import UserError
-from opt.model.layers import Transformer, attention_mask
+from opt.model.layers import Transformer, attention_mask, distance_bias, with_bias
 
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -204,6 +204,7 @@ class AudioEncoder(nn.Module):
         self.project = nn.Linear(config.width, out_width)
         self.max_positions = max_positions
         self.pool = config.pool
+        self.heads, self.distance_bias = config.heads, config.distance_bias
 
     @torch.no_grad()
     def frame_mask(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -217,6 +218,9 @@ class AudioEncoder(nn.Module):
         frames, frame_mask = self.front_norm(frames[:, : self.max_positions]), frame_mask[:, : self.max_positions]
         x = frames if hidden is None else torch.where(hidden[..., None], self.mask_embedding.to(frames.dtype), frames)
         x = x + self.positions(torch.arange(x.shape[1], device=x.device))
-        x = self.transformer(x, mask=attention_mask(frame_mask, x.shape[1]))
+        mask = attention_mask(frame_mask, x.shape[1])
+        if self.distance_bias:
+            mask = with_bias(mask, distance_bias(x.shape[1], self.heads, device=x.device), x.dtype)
+        x = self.transformer(x, mask=mask)
         pooled = _pool(x, frame_mask, self.pool)
         return {"tokens": self.project(x), "mask": frame_mask, "pooled": pooled, "frames": frames}

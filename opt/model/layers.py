@@ -68,6 +68,20 @@ def attention_mask(key_mask: torch.Tensor | None, queries: int, *, causal: bool 
     return mask
 
 
+def distance_bias(positions: int, heads: int, *, device=None) -> torch.Tensor:
+    """ALiBi's bidirectional attention bias ``(1, h, t, t)``: ``-slope_h * |i - j|``, with
+    the geometric slopes ``2^(-8 (h' + 1) / h)`` of Press et al. (2022)."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device) / heads)
+    index = torch.arange(positions, device=device)
+    distance = (index[None, :] - index[:, None]).abs()
+    return -(slopes[:, None, None] * distance)[None]
+
+
+def with_bias(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask turned into an additive one carrying ``bias`` (-inf where not allowed)."""
+    return bias.to(dtype).masked_fill(~mask, float("-inf"))
+
+
 class Attention(nn.Module):
     """Multi-head attention: self-attention when ``context`` is None, else cross-attention."""
 

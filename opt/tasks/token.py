@@ -81,8 +81,16 @@ class MaskedVisionModeling:
 
 class MaskedAudioModeling:
     """Hidden audio frames (after the conv front end) are identified by InfoNCE against
-    the front end's true frame features, among ``mam_negatives`` other hidden frames
-    of the batch drawn at random (the paper's 10), or among all of them (0)."""
+    the front end's true frame features, among ``mam_negatives`` other frames of the
+    *same utterance* drawn at random (the paper's 10), or among all of them (0).
+
+    The distractors come from the same utterance, as in wav2vec 2.0. Drawn from other
+    utterances of the batch, the task is solved by recognising the utterance (voice,
+    rate, noise) rather than the frame: a model trained that way found the true
+    frame among 10 frames of other utterances 21% of the time but among its own
+    utterance's frames at chance (2.7%), and text decoding, which makes the audio
+    encoder speaker-invariant, pushed it back to chance in the mixture.
+    """
 
     name = "mam"
 
@@ -91,21 +99,38 @@ class MaskedAudioModeling:
 
     def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
         generator = random.mask
-        hidden = select_positions(model.audio_frames(batch), self.config.mam_rate, generator)
+        valid = model.audio_frames(batch)
+        hidden = select_positions(valid, self.config.mam_rate, generator)
         batch = drop_modalities(batch, "audio", self.config.modality_drop, generator)
         unimodal = model.encode_unimodal(batch, hide_frames=hidden)
         fused = model.fuse(unimodal)
-        predicted = F.normalize(model.heads["mam"](_span(fused, "audio")[hidden]).float(), dim=-1)
-        targets = F.normalize(unimodal["audio"]["frames"][hidden].detach().float(), dim=-1)
-        count, negatives = predicted.shape[0], self.config.mam_negatives
-        if 0 < negatives < count - 1:  # the true frame (column 0) among sampled hidden frames of the batch
-            others = torch.randint(count - 1, (count, negatives), generator=generator)
-            others = others + (others >= torch.arange(count)[:, None]).long()  # never the frame itself
-            candidates = torch.cat([torch.arange(count)[:, None], others], dim=1).to(predicted.device)
-            logits = (predicted[:, None, :] * targets[candidates]).sum(-1) / self.config.mam_temperature
-            labels = torch.zeros(count, dtype=torch.long, device=logits.device)
-        else:  # every hidden frame of the batch is a candidate: (m, m), the diagonal is the true frame
-            logits = predicted @ targets.T / self.config.mam_temperature
-            labels = torch.arange(count, device=logits.device)
-        loss = F.cross_entropy(logits, labels)
+        predicted = F.normalize(model.heads["mam"](_span(fused, "audio")[hidden]).float(), dim=-1)  # (m, d)
+        frames = F.normalize(unimodal["audio"]["frames"].detach().float(), dim=-1)  # (b, f, d)
+        rows, positions = hidden.nonzero(as_tuple=True)  # the utterance and frame of each hidden frame
+        logits, labels = same_utterance_logits(predicted, frames[rows], valid[rows], positions,
+                                               negatives=self.config.mam_negatives, generator=generator)
+        loss = F.cross_entropy(logits / self.config.mam_temperature, labels)
         return TaskOutput(loss, {"loss": loss.item(), "accuracy": accuracy(logits, labels)})
+
+
+def same_utterance_logits(predicted: torch.Tensor, frames: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                          *, negatives: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine logits of each prediction (m, d) against its utterance's frames (m, f, d).
+
+    ``valid`` (m, f) marks the utterance's real frames and ``positions`` (m,) the
+    true one. With ``negatives`` > 0, column 0 is the true frame and the next
+    ``negatives`` columns are other real frames drawn without replacement (or
+    -inf where the utterance has fewer); with 0, every frame is a candidate and the
+    label is the true frame's position. Returns (logits, labels).
+    """
+    similarity = (predicted[:, None, :] * frames).sum(-1)  # (m, f)
+    others = valid.clone()
+    others[torch.arange(len(positions), device=valid.device), positions] = False
+    if negatives <= 0:
+        return similarity.masked_fill(~valid, float("-inf")), positions
+    scores = uniform(valid.shape, generator).to(valid.device).masked_fill(~others, -1.0)
+    top = scores.topk(min(negatives, valid.shape[1] - 1), dim=1)  # random distinct distractors first
+    distractors = similarity.gather(1, top.indices).masked_fill(top.values < 0, float("-inf"))
+    true = similarity.gather(1, positions[:, None])
+    labels = torch.zeros(len(positions), dtype=torch.long, device=similarity.device)
+    return torch.cat([true, distractors], dim=1), labels
