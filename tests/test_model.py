@@ -12,6 +12,7 @@ from opt.config import load_config
 from opt.data.pipeline import BatchLoader
 from opt.model.generation import (beam_search, filter_logits, generate_image_codes_autoregressive,
                                   generate_image_codes_parallel, generate_text)
+from opt.model.layers import attention_mask, distance_bias, with_bias
 from opt.model.opt_model import OPTModel, ModelSpec
 from opt.model.summary import dummy_batch, parameter_counts, training_step_flops
 
@@ -226,3 +227,15 @@ def test_audio_positions_start_smaller_than_the_front_ends_frames(model_and_batc
     frame_norm = frames[mask].norm(dim=-1).mean()
     position_norm = audio.positions.weight.norm(dim=-1).mean()
     assert position_norm < 2 * frame_norm
+
+
+def test_distance_bias_is_alibi_and_keeps_padded_keys_out():
+    bias = distance_bias(5, 4)
+    assert bias.shape == (1, 4, 5, 5)
+    slopes = torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8])
+    torch.testing.assert_close(bias[0, :, 1, 4], -3 * slopes)  # three frames apart
+    assert (bias.diagonal(dim1=-2, dim2=-1) == 0).all() and torch.equal(bias, bias.transpose(-1, -2))
+    keys = torch.tensor([[True, True, True, False, False]])
+    additive = with_bias(attention_mask(keys, 5), bias, torch.float32)
+    assert additive.shape == (1, 4, 5, 5)
+    assert additive[..., 3:].eq(float("-inf")).all() and additive[..., :3].isfinite().all()
