@@ -5,8 +5,9 @@ Stage 1 scores a query against all N candidates with the towers' cosine (a
 query of several modalities, such as text+audio -> image, sums its
 modalities' cosines): one (N, N) matrix product. Stage 2 fuses the query with
 each of its K best candidates in the cross-modal encoder and orders those K by
-the matching head's probability of "matched" (5-way ITM class 0); candidates
-below K keep their tower order. The true target of query i is candidate i.
+the matching head's log-probability of "matched" (5-way ITM class 0) plus the
+towers' contrastive logit (learned scale times the cosine), i.e. by the product
+of the two models' probabilities; candidates below K keep their tower order. The true target of query i is candidate i.
 
 Metrics per direction: R@1/5/10 (fractions), mean rank (1 = first) and n;
 ``two_tower`` holds the same figures before re-ranking, ``seconds`` the time
@@ -88,6 +89,11 @@ def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], t
     start = time.perf_counter()
     top = scores.topk(k, dim=1).indices  # (n, k)
     matched = matching_scores(loaded, split, query, target, truth.repeat_interleave(k), top.reshape(-1)).reshape(n, k)
+    # ITM's log p(matched) plus the towers' contrastive logit: the product of the two models'
+    # probabilities. On the demo model it beat either alone (a2t R@1: towers 0.282, ITM 0.228, both 0.292)
+    with torch.no_grad():
+        scale = float(loaded.model.temperature())
+    matched = matched + scale * scores.gather(1, top)
     ranks = tower_ranks.clone()
     inside = (top == truth[:, None])
     rows = inside.any(1)
