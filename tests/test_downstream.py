@@ -66,18 +66,23 @@ def test_reranking_only_reorders_the_top_k(encoded):
     assert full["seconds"]["rerank_pairs"] == 24 * 24
 
 
-def test_reranking_the_whole_pool_ranks_by_the_matching_head(encoded):
-    """With K = N, the rank of each query's target is its rank by P(matched) alone."""
-    from opt.downstream.retrieval import matching_scores
+def test_reranking_the_whole_pool_ranks_by_matching_and_tower_scores(encoded):
+    """With K = N, the rank of each query's target is its rank by log P(matched)
+    plus the towers' contrastive logit over every candidate."""
+    from opt.downstream.retrieval import matching_scores, tower_scores
 
     loaded, split = encoded
     n = len(split)
     queries = torch.arange(n).repeat_interleave(n)
     candidates = torch.arange(n).repeat(n)
-    scores = matching_scores(loaded, split, ("image",), "text", queries, candidates).reshape(n, n)
+    matched = matching_scores(loaded, split, ("image",), "text", queries, candidates).reshape(n, n)
+    with torch.no_grad():
+        scores = matched + float(loaded.model.temperature()) * tower_scores(loaded, split, ("image",), "text")
     expected = 1 + (scores > scores.diagonal()[:, None]).sum(1)
-    assert retrieve(loaded, split, ("image",), "text", rerank_k=n)["mean_rank"] == pytest.approx(
-        expected.float().mean().item(), abs=1e-6)
+    by_matching_alone = 1 + (matched > matched.diagonal()[:, None]).sum(1)
+    result = retrieve(loaded, split, ("image",), "text", rerank_k=n)["mean_rank"]
+    assert result == pytest.approx(expected.float().mean().item(), abs=1e-6)
+    assert not torch.equal(expected, by_matching_alone)  # the towers' term changes the order here
 
 
 def test_retrieve_cli_writes_every_direction(model_dir, world, tmp_path):
