@@ -43,6 +43,7 @@ def test_dotted_overrides_win_over_the_file():
     (["model.vision.patch_size=16"], "config key 'model.vision.patch_size'"),
     (["model.cross.heads=5"], "not divisible by 5 heads"),
     (["tasks.weights={mlm: 1, xyz: 1}"], "config key 'tasks.weights.xyz'"),
+    (["tasks.contrastive_pairs=[text-video]"], "config key 'tasks.contrastive_pairs': 'text-video'"),
     (["novalue"], "must look like key.path=value"),
 ])
 def test_bad_overrides_are_one_line_errors_naming_the_key(overrides, message):

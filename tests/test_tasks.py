@@ -157,6 +157,19 @@ def test_contrastive_state_includes_momentum_encoders_and_queues(small_setup):
     assert not torch.equal(before[:8], task.queue_image[:8]) and torch.equal(before[8:], task.queue_image[8:])
 
 
+def test_contrastive_aligns_only_the_configured_pairs(small_setup):
+    config, model, batch = small_setup
+    two = load_config("configs/tiny.yaml", SMALL + ["tasks.queue_size=16", "data.batch_size=8",
+                                                    "tasks.contrastive_pairs=[text-image,text-audio]"])
+    metrics = {}
+    for name, settings in (("all", config), ("two", two)):
+        mixture = TaskMixture(settings, model)
+        metrics[name] = mixture.task("contrastive")(model, batch, mixture.random).metrics
+    assert {"t2i_accuracy", "i2a_accuracy", "a2i_accuracy"} <= set(metrics["all"])
+    assert {"t2i_accuracy", "i2t_accuracy", "t2a_accuracy", "a2t_accuracy"} <= set(metrics["two"])
+    assert "i2a_accuracy" not in metrics["two"] and "a2i_accuracy" not in metrics["two"]
+
+
 @pytest.mark.parametrize("name", ["td", "id"])
 def test_generation_tasks_condition_only_on_modalities_the_batch_has(small_setup, name):
     config, model, batch = small_setup

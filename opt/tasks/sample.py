@@ -159,7 +159,7 @@ class ContrastiveAlignment(nn.Module):
         filled = int(self.queue_filled)
         losses, metrics = [], {}
         for a, b in TOWER_PAIRS:
-            if a not in queries or b not in queries:
+            if a not in queries or b not in queries or f"{a}-{b}" not in self.config.contrastive_pairs:
                 continue
             for query, key in ((a, b), (b, a)):
                 queue = getattr(self, f"queue_{key}")[:filled].float()
@@ -167,6 +167,8 @@ class ContrastiveAlignment(nn.Module):
                                                  momentum_keys=keys[key], scale=scale)
                 losses.append(loss)
                 metrics[f"{query[0]}2{key[0]}_accuracy"] = retrieval
+        if not losses:
+            raise ValueError("contrastive: no pair of tasks.contrastive_pairs has both modalities in the batch")
         loss = torch.stack(losses).mean()
         if self.training:
             self._enqueue(keys)
