@@ -160,7 +160,7 @@ class TasksConfig:
     modality_drop: float = 0.3  # token tasks: probability of hiding one or two other modalities entirely
     mlm_rate: float = 0.15  # text tokens selected (80% [MASK], 10% random, 10% kept)
     mvm_rate: float = 0.15  # image patches hidden; targets are their VQ codes
-    mam_rate: float = 0.15  # audio frames hidden; the true frame is found among in-batch negatives
+    mam_rate: float = 0.15  # audio frames hidden; each is found among other frames of its utterance
     mam_temperature: float = 0.1  # InfoNCE temperature of masked audio modelling
     mam_negatives: int = 10  # distractors per hidden frame, other frames of its own utterance (0 = all of them)
     condition_dropout: float = 0.1  # image decoding: conditions replaced by the null context (guidance)

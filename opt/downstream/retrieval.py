@@ -7,7 +7,8 @@ modalities' cosines): one (N, N) matrix product. Stage 2 fuses the query with
 each of its K best candidates in the cross-modal encoder and orders those K by
 the matching head's log-probability of "matched" (5-way ITM class 0) plus the
 towers' contrastive logit (learned scale times the cosine), i.e. by the product
-of the two models' probabilities; candidates below K keep their tower order. The true target of query i is candidate i.
+of the two models' probabilities; candidates below K keep their tower order.
+The true target of query i is candidate i.
 
 Metrics per direction: R@1/5/10 (fractions), mean rank (1 = first) and n;
 ``two_tower`` holds the same figures before re-ranking, ``seconds`` the time
