@@ -18,6 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from opt import TOWER_PAIRS, pair_name
 from opt.errors import ConfigError
 
 
@@ -168,7 +169,7 @@ class TasksConfig:
     queue_size: int = 1024  # contrastive: momentum embeddings kept per modality as extra negatives
     momentum: float = 0.995  # contrastive: EMA decay of the momentum encoders
     distillation: float = 0.0  # contrastive: weight of the momentum encoders' soft targets (0 = off)
-    contrastive_pairs: list[str] = field(default_factory=lambda: ["text-image", "text-audio", "image-audio"])  # aligned
+    contrastive_pairs: list[str] = field(default_factory=lambda: [pair_name(p) for p in TOWER_PAIRS])  # aligned pairs
 
 
 @dataclass
@@ -269,11 +270,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config key 'tasks.weights.{unknown_tasks[0]}': unknown task (tasks: {', '.join(TASK_NAMES)})")
     if config.tasks.mode not in ("sample", "sum"):
         raise ConfigError(f"config key 'tasks.mode': {config.tasks.mode!r} is not sample or sum")
-    pairs = {f"{a}-{b}" for a, b in (("text", "image"), ("text", "audio"), ("image", "audio"))}
+    pairs = [pair_name(p) for p in TOWER_PAIRS]
     unknown_pairs = [p for p in config.tasks.contrastive_pairs if p not in pairs]
     if unknown_pairs or not config.tasks.contrastive_pairs:
         raise ConfigError(f"config key 'tasks.contrastive_pairs': {unknown_pairs[0] if unknown_pairs else 'empty'!r} "
-                          f"(use text-image, text-audio, image-audio)")
+                          f"(use {', '.join(pairs)})")
     if sum(config.tasks.weights.values()) <= 0 or min(config.tasks.weights.values()) < 0:
         raise ConfigError("config key 'tasks.weights': weights must be >= 0 with at least one positive")
     if config.train.zero_stage not in (0, 1, 2, 3):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opt import MODALITIES
+from opt import MODALITIES, TOWER_PAIRS
 from opt.config import AudioConfig, ModelConfig, config_from_dict
 from opt.errors import UserError
 from opt.model.cross import CrossModalEncoder
@@ -76,7 +76,6 @@ class ModelSpec:
         return (self.image_size // 8) ** 2
 
 
-TOWER_PAIRS = (("text", "image"), ("text", "audio"), ("image", "audio"))
 
 
 class LearnedScale(nn.Module):

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opt import MODALITIES
+from opt import MODALITIES, TOWER_PAIRS, pair_name
 from opt.config import TasksConfig
-from opt.model.opt_model import TOWER_PAIRS, OPTModel
+from opt.model.opt_model import OPTModel
 from opt.tasks.base import TaskOutput, TaskRandom, accuracy, uniform, with_present
 
 
@@ -159,7 +159,7 @@ class ContrastiveAlignment(nn.Module):
         filled = int(self.queue_filled)
         losses, metrics = [], {}
         for a, b in TOWER_PAIRS:
-            if a not in queries or b not in queries or f"{a}-{b}" not in self.config.contrastive_pairs:
+            if a not in queries or b not in queries or pair_name((a, b)) not in self.config.contrastive_pairs:
                 continue
             for query, key in ((a, b), (b, a)):
                 queue = getattr(self, f"queue_{key}")[:filled].float()

@@ -124,10 +124,10 @@ def same_utterance_logits(predicted: torch.Tensor, frames: torch.Tensor, valid: 
     label is the true frame's position. Returns (logits, labels).
     """
     similarity = (predicted[:, None, :] * frames).sum(-1)  # (m, f)
-    others = valid.clone()
-    others[torch.arange(len(positions), device=valid.device), positions] = False
     if negatives <= 0:
         return similarity.masked_fill(~valid, float("-inf")), positions
+    others = valid.clone()
+    others[torch.arange(len(positions), device=valid.device), positions] = False
     scores = uniform(valid.shape, generator).to(valid.device).masked_fill(~others, -1.0)
     top = scores.topk(min(negatives, valid.shape[1] - 1), dim=1)  # random distinct distractors first
     distractors = similarity.gather(1, top.indices).masked_fill(top.values < 0, float("-inf"))
