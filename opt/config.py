@@ -154,6 +154,17 @@ class VQTrainConfig:
 TASK_NAMES = ("mlm", "mvm", "mam", "td", "id", "itm", "contrastive")
 
 
+GENERATION_CONDITIONS = {"td": ("image", "audio"), "id": ("text", "audio")}  # what each may condition on
+
+
+@dataclass
+class TaskPhase:
+    steps: int = 0  # optimizer steps this phase lasts
+    weights: dict[str, float] = field(default_factory=dict)  # the phase's task weights (tasks left out: 0)
+    td_conditions: list[str] | None = None  # the phase's text-decoding conditions (None: tasks.td_conditions)
+    id_conditions: list[str] | None = None  # the phase's image-decoding conditions (None: tasks.id_conditions)
+
+
 @dataclass
 class TasksConfig:
     mode: str = "sample"  # sample: one task per step drawn by weight (the paper); sum: weighted sum of all
@@ -170,6 +181,10 @@ class TasksConfig:
     momentum: float = 0.995  # contrastive: EMA decay of the momentum encoders
     distillation: float = 0.0  # contrastive: weight of the momentum encoders' soft targets (0 = off)
     contrastive_pairs: list[str] = field(default_factory=lambda: [pair_name(p) for p in TOWER_PAIRS])  # aligned pairs
+    # what text / image decoding condition on, one drawn uniformly per step among those the batch carries
+    td_conditions: list[str] = field(default_factory=lambda: ["image", "audio", "image+audio"])
+    id_conditions: list[str] = field(default_factory=lambda: ["text", "audio", "text+audio"])
+    phases: list[TaskPhase] = field(default_factory=list)  # run in order from step 0, then `weights` apply
 
 
 @dataclass
@@ -265,9 +280,27 @@ def _validate(config: Config) -> None:
         part = getattr(config.model, name)
         if part.width % part.heads:
             raise ConfigError(f"config key 'model.{name}.width': {part.width} is not divisible by {part.heads} heads")
-    unknown_tasks = sorted(set(config.tasks.weights) - set(TASK_NAMES))
-    if unknown_tasks:
-        raise ConfigError(f"config key 'tasks.weights.{unknown_tasks[0]}': unknown task (tasks: {', '.join(TASK_NAMES)})")
+    for key, weights in [("tasks.weights", config.tasks.weights)] + [
+            (f"tasks.phases.{i}.weights", phase.weights) for i, phase in enumerate(config.tasks.phases)]:
+        unknown_tasks = sorted(set(weights) - set(TASK_NAMES))
+        if unknown_tasks:
+            raise ConfigError(f"config key '{key}.{unknown_tasks[0]}': unknown task (tasks: {', '.join(TASK_NAMES)})")
+        if sum(weights.values()) <= 0 or min(weights.values()) < 0:
+            raise ConfigError(f"config key '{key}': weights must be >= 0 with at least one positive")
+    for i, phase in enumerate(config.tasks.phases):
+        if phase.steps <= 0:
+            raise ConfigError(f"config key 'tasks.phases.{i}.steps': must be positive, got {phase.steps}")
+    for task, allowed in GENERATION_CONDITIONS.items():
+        for key, conditions in [(f"tasks.{task}_conditions", getattr(config.tasks, f"{task}_conditions"))] + [
+                (f"tasks.phases.{i}.{task}_conditions", getattr(p, f"{task}_conditions"))
+                for i, p in enumerate(config.tasks.phases)]:
+            if conditions is None:
+                continue
+            bad = [c for c in conditions if not c or not set(c.split("+")) <= set(allowed)
+                   or len(set(c.split("+"))) != len(c.split("+"))]
+            if bad or not conditions:
+                raise ConfigError(f"config key '{key}': {bad[0] if bad else 'empty'!r} is not a condition "
+                                  f"(one of {', '.join(allowed)} or both joined by '+')")
     if config.tasks.mode not in ("sample", "sum"):
         raise ConfigError(f"config key 'tasks.mode': {config.tasks.mode!r} is not sample or sum")
     pairs = [pair_name(p) for p in TOWER_PAIRS]
@@ -275,8 +308,6 @@ def _validate(config: Config) -> None:
     if unknown_pairs or not config.tasks.contrastive_pairs:
         raise ConfigError(f"config key 'tasks.contrastive_pairs': {unknown_pairs[0] if unknown_pairs else 'empty'!r} "
                           f"(use {', '.join(pairs)})")
-    if sum(config.tasks.weights.values()) <= 0 or min(config.tasks.weights.values()) < 0:
-        raise ConfigError("config key 'tasks.weights': weights must be >= 0 with at least one positive")
     if config.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'train.zero_stage': must be 0, 1, 2 or 3, got {config.train.zero_stage}")
     if config.train.schedule not in ("cosine", "linear"):

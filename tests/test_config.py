@@ -43,6 +43,11 @@ def test_dotted_overrides_win_over_the_file():
     (["model.vision.patch_size=16"], "config key 'model.vision.patch_size'"),
     (["model.cross.heads=5"], "not divisible by 5 heads"),
     (["tasks.weights={mlm: 1, xyz: 1}"], "config key 'tasks.weights.xyz'"),
+    (["tasks.phases=[{steps: 10, weights: {tdd: 1}}]"], "config key 'tasks.phases.0.weights.tdd'"),
+    (["tasks.phases=[{steps: 0, weights: {td: 1}}]"], "config key 'tasks.phases.0.steps'"),
+    (["tasks.phases=[{steps: 10, weights: {td: 0}}]"], "config key 'tasks.phases.0.weights'"),
+    (["tasks.td_conditions=[image+text]"], "config key 'tasks.td_conditions': 'image+text'"),
+    (["tasks.phases=[{steps: 5, weights: {id: 1}, id_conditions: []}]"], "config key 'tasks.phases.0.id_conditions'"),
     (["tasks.contrastive_pairs=[text-video]"], "config key 'tasks.contrastive_pairs': 'text-video'"),
     (["novalue"], "must look like key.path=value"),
 ])

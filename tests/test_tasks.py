@@ -144,6 +144,32 @@ def test_mixture_sample_mode_follows_weights_and_sum_mode_runs_all(small_setup):
     assert summed.choose() == summed.names and len(summed.names) == 7
 
 
+def test_phases_run_their_own_weights_first_then_the_main_weights(small_setup):
+    config, model, _ = small_setup
+    phased = load_config("configs/tiny.yaml", SMALL + [
+        "tasks.weights={mlm: 1, mvm: 0, mam: 0, td: 0, id: 0, itm: 1, contrastive: 0}",
+        "tasks.phases=[{steps: 3, weights: {td: 1}}, {steps: 2, weights: {id: 1, mam: 1}}]"])
+    mixture = TaskMixture(phased, model)
+    assert set(mixture.names) == {"mlm", "itm", "td", "id", "mam"}  # every task some phase uses is built
+    picks = [mixture.choose(step)[0] for step in range(3)] + [mixture.choose(step)[0] for step in (3, 4) * 50]
+    assert picks[:3] == ["td"] * 3 and set(picks[3:]) == {"id", "mam"}
+    assert {mixture.choose(step)[0] for step in range(5, 200)} == {"mlm", "itm"}
+    summed = TaskMixture(load_config("configs/tiny.yaml", SMALL + [
+        "tasks.mode=sum", "tasks.phases=[{steps: 1, weights: {td: 2, mlm: 1}}]"]), model)
+    assert summed.choose(0) == ["mlm", "td"] and len(summed.choose(1)) == 7
+
+
+def test_a_phase_can_restrict_what_decoding_conditions_on(small_setup):
+    config, model, batch = small_setup
+    mixture = TaskMixture(load_config("configs/tiny.yaml", SMALL + [
+        "tasks.weights={mlm: 0, mvm: 0, mam: 0, td: 1, id: 0, itm: 0, contrastive: 0}",
+        "tasks.td_conditions=[image]",
+        "tasks.phases=[{steps: 10, weights: {td: 1}, td_conditions: [audio]}]"]), model)
+    in_phase = {key for step in range(10) for key in mixture(model, batch, step)[1]["td"] if key.startswith("accuracy_")}
+    after = {key for step in range(10, 20) for key in mixture(model, batch, step)[1]["td"] if key.startswith("accuracy_")}
+    assert in_phase == {"accuracy_from_audio"} and after == {"accuracy_from_image"}
+
+
 def test_contrastive_state_includes_momentum_encoders_and_queues(small_setup):
     config, model, batch = small_setup
     mixture = TaskMixture(config, model)

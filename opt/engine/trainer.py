@@ -229,7 +229,7 @@ class Trainer:
             batch = to_device(next(batches), self.device)
             self.consumed += 1
             with torch.autocast(self.device.type, dtype=precision or torch.float32, enabled=precision is not None):
-                loss, metrics = self.mixture(self.model, batch)
+                loss, metrics = self.mixture(self.model, batch, self.step)
             if not torch.isfinite(loss):
                 self._nonfinite(f"loss {loss.item()}")
                 continue

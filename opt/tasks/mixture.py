@@ -2,7 +2,9 @@
 
 ``mode="sample"`` (the OPT paper): each step runs one task drawn with the
 configured weights. ``mode="sum"``: each step runs every task with a positive
-weight and adds the weighted losses. The mixture's random generators (which
+weight and adds the weighted losses. ``tasks.phases`` optionally runs other
+weights first (a curriculum): phase i covers its ``steps`` steps in order from
+step 0, and ``tasks.weights`` apply after the last phase. The mixture's random generators (which
 also draw every task's choices and masks) and the contrastive task's momentum
 encoders and queues are its state, saved in checkpoints.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from opt.config import Config
+from opt.config import GENERATION_CONDITIONS, TASK_NAMES, Config
 from opt.model.opt_model import OPTModel
 from opt.tasks.base import TaskOutput, TaskRandom
 from opt.tasks.modality import ImageDecoding, TextDecoding
@@ -24,7 +26,7 @@ NEEDS = {"mlm": {"text"}, "mvm": {"image"}, "mam": {"audio"}, "td": {"text"}, "i
 
 
 def build_tasks(config: Config, model: OPTModel) -> dict:
-    """The tasks with a positive weight, keyed by name."""
+    """The tasks with a positive weight in ``tasks.weights`` or in a phase, keyed by name."""
     settings = config.tasks
     factories = {
         "mlm": lambda: MaskedLanguageModeling(settings),
@@ -36,8 +38,9 @@ def build_tasks(config: Config, model: OPTModel) -> dict:
         "contrastive": lambda: ContrastiveAlignment(settings, model),
     }
     enabled = set(config.data.modalities)
-    return {name: factories[name]() for name, weight in settings.weights.items()
-            if weight > 0 and NEEDS[name] <= enabled}
+    used = {name for weights in [settings.weights] + [p.weights for p in settings.phases]
+            for name, weight in weights.items() if weight > 0}
+    return {name: factories[name]() for name in TASK_NAMES if name in used and NEEDS[name] <= enabled}
 
 
 class TaskMixture(nn.Module):
@@ -52,29 +55,49 @@ class TaskMixture(nn.Module):
         self.names = list(tasks)
         self.stateful = nn.ModuleDict({n: t for n, t in tasks.items() if isinstance(t, nn.Module)})
         self.stateless = {n: t for n, t in tasks.items() if not isinstance(t, nn.Module)}
-        self.weights = torch.tensor([config.tasks.weights[n] for n in self.names], dtype=torch.float)
+        # (last step + 1, weights over self.names, decoding conditions) per phase, the main ones last
+        self.schedule, end = [], 0
+        for phase in config.tasks.phases:
+            end += phase.steps
+            conditions = {task: getattr(phase, f"{task}_conditions") for task in GENERATION_CONDITIONS}
+            self.schedule.append((end, self._weights(phase.weights), conditions))
+        self.schedule.append((None, self._weights(config.tasks.weights), {task: None for task in GENERATION_CONDITIONS}))
         self.mode = config.tasks.mode
         if rank is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.random = TaskRandom(choice=torch.Generator().manual_seed(config.train.seed + 1),
                                  mask=torch.Generator().manual_seed(config.train.seed + 1 + 1000 * (rank + 1)))
 
+    def _weights(self, weights: dict[str, float]) -> torch.Tensor:
+        values = torch.tensor([float(weights.get(n, 0.0)) for n in self.names])
+        if values.sum() <= 0:
+            raise ValueError("a task phase has no enabled task with a positive weight for the configured modalities")
+        return values
+
     def task(self, name: str):
         return self.stateful[name] if name in self.stateful else self.stateless[name]
 
-    def choose(self) -> list[str]:
-        """The tasks of the next step."""
+    def phase_at(self, step: int) -> tuple[torch.Tensor, dict]:
+        """The task weights (over ``self.names``) and the decoding conditions (None: the
+        tasks' own) in force at optimizer step ``step``."""
+        return next((weights, conditions) for end, weights, conditions in self.schedule if end is None or step < end)
+
+    def choose(self, step: int = 0) -> list[str]:
+        """The tasks of step ``step``."""
+        weights, _ = self.phase_at(step)
         if self.mode == "sum":
-            return self.names
-        index = int(torch.multinomial(self.weights, 1, generator=self.random.choice))
+            return [n for n, w in zip(self.names, weights.tolist()) if w > 0]
+        index = int(torch.multinomial(weights, 1, generator=self.random.choice))
         return [self.names[index]]
 
-    def forward(self, model: OPTModel, batch: dict) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
-        """Total loss of one step and metrics per task run."""
+    def forward(self, model: OPTModel, batch: dict, step: int = 0) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
+        """Total loss of optimizer step ``step`` and metrics per task run."""
         total, metrics = None, {}
-        for name in self.choose():
-            output: TaskOutput = self.task(name)(model, batch, self.random)
-            weight = 1.0 if self.mode == "sample" else float(self.weights[self.names.index(name)])
+        weights, conditions = self.phase_at(step)
+        for name in self.choose(step):
+            options = {"conditions": conditions[name]} if name in conditions else {}
+            output: TaskOutput = self.task(name)(model, batch, self.random, **options)
+            weight = 1.0 if self.mode == "sample" else float(weights[self.names.index(name)])
             total = output.loss * weight if total is None else total + output.loss * weight
             metrics[name] = output.metrics
         return total, metrics

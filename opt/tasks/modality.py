@@ -1,9 +1,10 @@
 """Modality-level tasks: text decoding and image decoding.
 
 TD hides the text entirely and regenerates it with the text decoder from
-image only, audio only, or both (one of the three per step). ID hides the image
+image only, audio only, or both (one condition per step, drawn uniformly among
+``tasks.td_conditions``). ID hides the image
 and predicts its VQ codes with the image decoder from text only, audio only or
-both; per sample the condition is replaced by the null context with probability
+both (``tasks.id_conditions``); per sample the condition is replaced by the null context with probability
 ``condition_dropout`` (for classifier-free guidance). Each ID step trains either
 the autoregressive order or the parallel masked (MaskGIT) objective, half the
 steps each, so one network serves both decoding modes.
@@ -19,16 +20,15 @@ from opt.model.generation import cosine_mask_ratio
 from opt.model.opt_model import OPTModel
 from opt.tasks.base import TaskOutput, TaskRandom, accuracy, uniform
 
-CONDITIONS = {"td": (("image",), ("audio",), ("image", "audio")),
-              "id": (("text",), ("audio",), ("text", "audio"))}
 
 
-def _sources(task: str, batch: dict, generator: torch.Generator) -> tuple[str, ...]:
-    """One of the task's conditions among those whose modalities the batch carries
-    (a run with ``data.modalities`` [text, image] has no audio to condition on)."""
-    options = [c for c in CONDITIONS[task] if all(m in batch for m in c)]
+def _sources(task: str, conditions: list[str], batch: dict, generator: torch.Generator) -> tuple[str, ...]:
+    """One of ``conditions`` ("image", "image+audio", ...) among those whose modalities the
+    batch carries (a run with ``data.modalities`` [text, image] has no audio to condition on)."""
+    options = [tuple(c.split("+")) for c in conditions]
+    options = [c for c in options if all(m in batch for m in c)]
     if not options:
-        raise ValueError(f"{task}: the batch has none of its condition modalities")
+        raise ValueError(f"{task}: the batch has none of the modalities of {', '.join(conditions)}")
     return options[int(torch.randint(len(options), (1,), generator=generator))]
 
 
@@ -39,8 +39,10 @@ class TextDecoding:
         self.config = config
         self.label_smoothing = label_smoothing
 
-    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
-        sources = _sources("td", batch, random.choice)
+    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom, *,
+                 conditions: list[str] | None = None) -> TaskOutput:
+        """``conditions`` replaces ``tasks.td_conditions`` (a curriculum phase's own)."""
+        sources = _sources("td", conditions or self.config.td_conditions, batch, random.choice)
         fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
         ids, mask = batch["text"]["ids"], batch["text"]["mask"] & batch["text"]["present"][:, None]
         logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
@@ -58,9 +60,11 @@ class ImageDecoding:
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
+    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom, *,
+                 conditions: list[str] | None = None) -> TaskOutput:
+        """``conditions`` replaces ``tasks.id_conditions`` (a curriculum phase's own)."""
         decoder = model.image_decoder
-        sources = _sources("id", batch, random.choice)
+        sources = _sources("id", conditions or self.config.id_conditions, batch, random.choice)
         fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
         context, context_mask = fused["states"], fused["mask"]
         size = context.shape[0]
