@@ -66,7 +66,7 @@ class VQConfig:
     dead_code_threshold: float = 1.0  # codes whose EMA usage falls below this are restarted from the batch
 
 
-POOLING = ("mean", "max")
+POOLING = ("mean", "max", "attention")
 
 
 @dataclass
@@ -75,7 +75,7 @@ class VisionConfig:
     layers: int = 2  # transformer blocks
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
-    pool: str = "mean"  # two-tower pooling over patches: mean | max (max finds small objects on a plain background)
+    pool: str = "mean"  # two-tower pooling over patches: mean | max | attention (a learned query; see encoders.Pooling)
     pretrained_path: str | None = None  # optional local timm weights (.safetensors or .pth state dict)
 
 
@@ -94,7 +94,7 @@ class AudioEncoderConfig:
     layers: int = 2  # transformer blocks
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
-    pool: str = "mean"  # two-tower pooling over real frames: mean | max
+    pool: str = "mean"  # two-tower pooling over real frames: mean | max | attention
     distance_bias: bool = True  # ALiBi: self-attention logits fall linearly with frame distance, per head
 
 
@@ -270,7 +270,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config key 'model.audio.subsample': must be 2, 4 or 8, got {config.model.audio.subsample}")
     for name in ("vision", "audio"):
         if getattr(config.model, name).pool not in POOLING:
-            raise ConfigError(f"config key 'model.{name}.pool': {getattr(config.model, name).pool!r} is not mean or max")
+            raise ConfigError(f"config key 'model.{name}.pool': {getattr(config.model, name).pool!r} is not {', '.join(POOLING)}")
     if config.model.vision.patch_size != 8:
         raise ConfigError(f"config key 'model.vision.patch_size': must be 8, the VQ grid cell (masked vision "
                           f"modelling predicts each patch's code), got {config.model.vision.patch_size}")

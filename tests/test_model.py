@@ -12,6 +12,7 @@ from opt.config import load_config
 from opt.data.pipeline import BatchLoader
 from opt.model.generation import (beam_search, filter_logits, generate_image_codes_autoregressive,
                                   generate_image_codes_parallel, generate_text)
+from opt.model.encoders import Pooling
 from opt.model.layers import attention_mask, distance_bias, with_bias
 from opt.model.opt_model import OPTModel, ModelSpec
 from opt.model.summary import dummy_batch, parameter_counts, training_step_flops
@@ -20,7 +21,8 @@ SMALL = ["model.cross.width=64", "model.cross.layers=1", "model.vision.width=64"
          "model.text.width=64", "model.text.layers=1", "model.audio.width=64", "model.audio.layers=1",
          "model.text_decoder.width=64", "model.text_decoder.layers=2", "model.image_decoder.width=64",
          "model.image_decoder.layers=1", "model.towers.dim=32", "model.vq.codebook_size=64", "model.vq.channels=16",
-         "model.vq.res_blocks=0", "data.batch_size=6", "data.workers=0"]
+         "model.vq.res_blocks=0", "data.batch_size=6", "data.workers=0",
+         "tasks.phases=[]"]  # tests of a few steps run the whole mixture from step 0
 
 
 def small_model(tokenizer, *overrides, seed=0):
@@ -79,6 +81,20 @@ def test_padding_never_changes_real_positions(model_and_batch):
         keep = reference["mask"][:, start:end]
         torch.testing.assert_close(padded["states"][:, new_start:new_start + end - start][keep],
                                    reference["states"][:, start:end][keep], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["mean", "max", "attention"])
+def test_pooling_reads_only_real_positions(how):
+    pool = Pooling(how, width=16, heads=4)
+    x = torch.randn(3, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [0] * 6], dtype=torch.bool)
+    changed = x.clone()
+    changed[0, 3:] = 50.0  # padded positions of sample 0
+    with torch.no_grad():
+        reference, result = pool(x, mask), pool(changed, mask)
+    assert reference.shape == (3, 16)
+    torch.testing.assert_close(result, reference)
+    assert torch.count_nonzero(reference[2]) == 0  # no real position: zeros
 
 
 def test_absent_modality_in_one_sample_does_not_touch_the_others(model_and_batch):

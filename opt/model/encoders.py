@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torchaudio
 from safetensors.torch import load_file
+from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -87,14 +88,13 @@ class VisionEncoder(nn.Module):
         if not config.pretrained_path:  # start positions informative, as MAE does; they stay learnable
             with torch.no_grad():
                 self.vit.pos_embed.copy_(sincos_2d(image_size // config.patch_size, config.width)[None])
-        self.pool = config.pool
+        self.pool = Pooling(config.pool, width=config.width, heads=config.heads, mlp_ratio=mlp_ratio)
 
     def forward(self, pixels: torch.Tensor, *, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``hidden`` (b, n) True marks patches replaced by the mask embedding."""
         x = self.vit((pixels - 0.5) / 0.5, hidden, self.mask_embedding)  # (b, n, w)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        pooled = x.amax(dim=1) if self.pool == "max" else x.mean(dim=1)
-        return {"tokens": self.project(x), "mask": mask, "pooled": pooled}
+        return {"tokens": self.project(x), "mask": mask, "pooled": self.pool(x, mask)}
 
 
 class TextEncoder(nn.Module):
@@ -176,13 +176,30 @@ class Wav2Vec2ConvFront(nn.Module):
         return self.project(x), torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
 
 
-def _pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Mean or max of the real positions of x (b, n, d) -> (b, d); rows without any give zeros."""
-    if how == "max":
-        pooled = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
-        return torch.where(mask.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
-    weights = mask[..., None].to(x.dtype)
-    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+class Pooling(nn.Module):
+    """One vector per sample from the real positions of x (b, n, d): their mean, their
+    max, or ``attention``: a learned query attending over them (timm's
+    ``AttentionPoolLatent``, SigLIP's "map" head), which can pick out one object and
+    keep its position, where max pooling mixes every patch's position embedding.
+    Rows without any real position give zeros."""
+
+    def __init__(self, how: str, *, width: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.how = how
+        self.attention = (AttentionPoolLatent(width, num_heads=heads, mlp_ratio=mlp_ratio, norm_layer=nn.LayerNorm)
+                          if how == "attention" else None)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        present = mask.any(1, keepdim=True)
+        if self.how == "max":
+            pooled = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
+        elif self.how == "attention":
+            keys = mask | ~present  # a row without real positions attends to all; zeroed below
+            pooled = self.attention(x, attn_mask=keys[:, None, None, :])
+        else:
+            weights = mask[..., None].to(x.dtype)
+            return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return torch.where(present, pooled, torch.zeros_like(pooled))
 
 
 class AudioEncoder(nn.Module):
@@ -203,7 +220,7 @@ class AudioEncoder(nn.Module):
                                        mlp_ratio=mlp_ratio, dropout=dropout)
         self.project = nn.Linear(config.width, out_width)
         self.max_positions = max_positions
-        self.pool = config.pool
+        self.pool = Pooling(config.pool, width=config.width, heads=config.heads, mlp_ratio=mlp_ratio)
         self.heads, self.distance_bias = config.heads, config.distance_bias
 
     @torch.no_grad()
@@ -222,5 +239,5 @@ class AudioEncoder(nn.Module):
         if self.distance_bias:
             mask = with_bias(mask, distance_bias(x.shape[1], self.heads, device=x.device), x.dtype)
         x = self.transformer(x, mask=mask)
-        pooled = _pool(x, frame_mask, self.pool)
+        pooled = self.pool(x, frame_mask)
         return {"tokens": self.project(x), "mask": frame_mask, "pooled": pooled, "frames": frames}
