@@ -66,7 +66,7 @@ class VQConfig:
     dead_code_threshold: float = 1.0  # codes whose EMA usage falls below this are restarted from the batch
 
 
-POOLING = ("mean", "max", "attention")
+POOLING = ("mean", "max")
 
 
 @dataclass
@@ -75,7 +75,7 @@ class VisionConfig:
     layers: int = 2  # transformer blocks
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
-    pool: str = "mean"  # two-tower pooling over patches: mean | max | attention (a learned query; see encoders.Pooling)
+    pool: str = "mean"  # two-tower pooling over patches: mean | max (max finds small objects on a plain background)
     pretrained_path: str | None = None  # optional local timm weights (.safetensors or .pth state dict)
 
 
@@ -94,7 +94,7 @@ class AudioEncoderConfig:
     layers: int = 2  # transformer blocks
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
-    pool: str = "mean"  # two-tower pooling over real frames: mean | max | attention
+    pool: str = "mean"  # two-tower pooling over real frames: mean | max
     distance_bias: bool = True  # ALiBi: self-attention logits fall linearly with frame distance, per head
 
 

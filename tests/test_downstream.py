@@ -66,10 +66,10 @@ def test_reranking_only_reorders_the_top_k(encoded):
     assert full["seconds"]["rerank_pairs"] == 24 * 24
 
 
-def test_reranking_the_whole_pool_ranks_by_matching_and_tower_scores(encoded):
-    """With K = N, the rank of each query's target is its rank by log P(matched)
-    plus the towers' contrastive logit over every candidate."""
-    from opt.downstream.retrieval import matching_scores, tower_scores
+def test_reranking_the_whole_pool_ranks_by_matching_tower_and_caption_scores(encoded):
+    """With K = N, the rank of each query's target is its rank by log P(matched) plus
+    the towers' contrastive logit (plus log P(caption | query) when captions are ranked)."""
+    from opt.downstream.retrieval import caption_log_likelihoods, matching_scores, tower_scores
 
     loaded, split = encoded
     n = len(split)
@@ -78,11 +78,32 @@ def test_reranking_the_whole_pool_ranks_by_matching_and_tower_scores(encoded):
     matched = matching_scores(loaded, split, ("image",), "text", queries, candidates).reshape(n, n)
     with torch.no_grad():
         scores = matched + float(loaded.model.temperature()) * tower_scores(loaded, split, ("image",), "text")
-    expected = 1 + (scores > scores.diagonal()[:, None]).sum(1)
+    likelihood = caption_log_likelihoods(loaded, split, ("image",), queries, candidates).reshape(n, n)
+    assert (likelihood < 0).all()
+    for with_captions, total in ((False, scores), (True, scores + likelihood)):
+        expected = 1 + (total > total.diagonal()[:, None]).sum(1)
+        result = retrieve(loaded, split, ("image",), "text", rerank_k=n, caption_likelihood=with_captions)
+        assert result["mean_rank"] == pytest.approx(expected.float().mean().item(), abs=1e-6)
     by_matching_alone = 1 + (matched > matched.diagonal()[:, None]).sum(1)
-    result = retrieve(loaded, split, ("image",), "text", rerank_k=n)["mean_rank"]
-    assert result == pytest.approx(expected.float().mean().item(), abs=1e-6)
-    assert not torch.equal(expected, by_matching_alone)  # the towers' term changes the order here
+    assert not torch.equal(1 + (scores > scores.diagonal()[:, None]).sum(1), by_matching_alone)
+
+
+def test_caption_likelihood_is_the_decoders_log_probability_of_the_caption(encoded):
+    from opt.downstream.retrieval import caption_log_likelihoods
+
+    loaded, split = encoded
+    model, index = loaded.model, torch.tensor([0, 3])
+    ids = split.text_ids[index]
+    length = int((ids[0] != loaded.tokenizer.pad_id).sum())
+    with torch.no_grad():
+        unimodal = {"audio": split.select("audio", index)}
+        fused = model.fuse(unimodal, ("audio",))
+        expected = 0.0
+        for t in range(1, length):  # one token at a time from the bos, sample 0
+            logits = model.text_decoder(ids[:1, :t], fused["states"][:1], fused["mask"][:1])[0, -1]
+            expected += float(logits.log_softmax(-1)[ids[0, t]])
+    scores = caption_log_likelihoods(loaded, split, ("audio",), index, index)
+    assert float(scores[0]) == pytest.approx(expected, abs=1e-3)
 
 
 def test_retrieve_cli_writes_every_direction(model_dir, world, tmp_path):

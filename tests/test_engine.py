@@ -37,15 +37,16 @@ class Killed(Exception):
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(train_overrides, tmp_path, monkeypatch):
-    overrides = train_overrides + ["train.checkpoint_every=3"]
+    # the resumed run crosses a curriculum phase boundary (step 4) after its checkpoint (step 3)
+    overrides = train_overrides + ["train.checkpoint_every=3", "tasks.phases=[{steps: 4, weights: {td: 1, mlm: 1}}]"]
     train(overrides, tmp_path / "straight", 6)
     original, calls = TaskMixture.forward, {"n": 0}
 
-    def dies_in_step_5(self, model, batch):
+    def dies_in_step_5(self, model, batch, step):
         calls["n"] += 1
         if calls["n"] == 5:
             raise Killed
-        return original(self, model, batch)
+        return original(self, model, batch, step)
 
     monkeypatch.setattr(TaskMixture, "forward", dies_in_step_5)
     with pytest.raises(Killed):
@@ -77,8 +78,8 @@ def test_nan_guard_skips_then_stops_with_a_checkpoint(train_overrides, tmp_path,
     original = TaskMixture.forward
     calls = {"n": 0}
 
-    def poisoned(self, model, batch):
-        loss, metrics = original(self, model, batch)
+    def poisoned(self, model, batch, step):
+        loss, metrics = original(self, model, batch, step)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 2 else loss), metrics
 

@@ -58,6 +58,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--rerank-k", type=non_negative_int, default=16,
                           help="top candidates re-ranked by the cross encoder, 0 = off (default 16)")
     retrieve.add_argument("--limit", type=positive_int, help="use at most this many samples")
+    retrieve.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
+                          help="re-rank captions without the text decoder's log P(caption | query)")
     retrieve.add_argument("--out", help="write the metrics to this JSON file")
     retrieve.set_defaults(handler=run_retrieve)
 
@@ -68,6 +70,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--run-dir", help="training run whose curves go into the report")
     evaluate.add_argument("--limit", type=positive_int, help="samples per split (default all)")
     evaluate.add_argument("--rerank-k", type=non_negative_int, default=16, help="retrieval re-ranking (default 16)")
+    evaluate.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
+                          help="re-rank captions without the text decoder's log P(caption | query)")
     evaluate.add_argument("--beam", type=positive_int, default=1, help="captioning beam size (default 1)")
     evaluate.add_argument("--generate-count", type=positive_int, default=64,
                           help="text-to-image prompts per split (default 64)")
@@ -158,7 +162,8 @@ def run_retrieve(args: argparse.Namespace) -> None:
     split = encode_split(loaded, args.data, limit=args.limit)
     results = {}
     for name, (query, target) in directions.items():
-        results[name] = retrieve(loaded, split, query, target, rerank_k=args.rerank_k)
+        results[name] = retrieve(loaded, split, query, target, rerank_k=args.rerank_k,
+                                 caption_likelihood=args.caption_likelihood)
         _print_metrics(f"{name} (n={results[name]['n']})", results[name])
         seconds = results[name]["seconds"]
         print(f"  two-tower {seconds['two_tower']:.2f} s, re-rank {seconds['rerank']:.2f} s")
@@ -174,7 +179,8 @@ def run_eval(args: argparse.Namespace) -> None:
         from opt.engine.plot import plot_run
 
         curves = plot_run(args.run_dir)
-    settings = EvalSettings(limit=args.limit, rerank_k=args.rerank_k, beam=args.beam,
+    settings = EvalSettings(limit=args.limit, rerank_k=args.rerank_k, caption_likelihood=args.caption_likelihood,
+                            beam=args.beam,
                             generate_count=args.generate_count, decoding=args.decoding, steps=args.steps,
                             guidance=args.guidance, seed=args.seed, with_meteor=args.meteor)
     results = evaluate_model(_load(args), args.data, args.out, settings=settings, curves=curves,

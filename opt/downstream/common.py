@@ -91,6 +91,7 @@ class EncodedSplit:
     meta: list[dict] = field(default_factory=list)
     unimodal: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     pixels: torch.Tensor | None = None  # (N, 3, H, W) in [0, 1], for pictures in reports
+    text_ids: torch.Tensor | None = None  # (N, t) caption token ids (bos ... eos, pad after), for decoder scores
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -115,9 +116,10 @@ def encode_split(loaded: LoadedModel, data: str, *, limit: int | None = None, ba
     """Run the single-modal encoders over every sample of ``data``."""
     split = EncodedSplit()
     parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {"tokens": [], "mask": [], "pooled": []} for m in MODALITIES}
-    pixels = []
+    pixels, ids = [], []
     for batch in iterate_batches(loaded, data, batch_size=batch_size, limit=limit):
         pixels.append(batch["image"]["pixels"].cpu())
+        ids.append(batch["text"]["ids"].masked_fill(~batch["text"]["mask"], loaded.tokenizer.pad_id).cpu())
         split.keys += batch["keys"]
         split.captions += batch["captions"]
         split.meta += batch["meta"]
@@ -127,6 +129,7 @@ def encode_split(loaded: LoadedModel, data: str, *, limit: int | None = None, ba
     if not split.keys:
         raise UserError(f"no samples in {data}")
     split.pixels = torch.cat(pixels)
+    split.text_ids = _pad_cat([i[..., None] for i in ids], loaded.tokenizer.pad_id)[..., 0]
     for modality, tensors in parts.items():
         if tensors["tokens"]:
             split.unimodal[modality] = {"tokens": _pad_cat(tensors["tokens"], 0.0),

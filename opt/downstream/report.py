@@ -34,6 +34,7 @@ GRID_COUNT = 16  # images shown in each report grid
 class EvalSettings:
     limit: int | None = None  # samples per split (None = all)
     rerank_k: int = 16  # retrieval: candidates re-ranked by the cross encoder (0 = off)
+    caption_likelihood: bool = True  # retrieval of captions: re-ranking adds the text decoder's log P(caption | query)
     beam: int = 1  # captioning beam size (1 = greedy)
     generate_count: int = 64  # text-to-image: prompts per split
     decoding: str = "parallel"
@@ -62,7 +63,8 @@ def evaluate_split(loaded: LoadedModel, shards: str, settings: EvalSettings) -> 
     metrics: dict[str, dict] = {"retrieval": {}, "captioning": {}}
     start = time.perf_counter()
     for name, (query, target) in DIRECTIONS.items():
-        metrics["retrieval"][name] = retrieve(loaded, split, query, target, rerank_k=settings.rerank_k)
+        metrics["retrieval"][name] = retrieve(loaded, split, query, target, rerank_k=settings.rerank_k,
+                                                   caption_likelihood=settings.caption_likelihood)
     timings["retrieval"] = time.perf_counter() - start
     start = time.perf_counter()
     shown = {}

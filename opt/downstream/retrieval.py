@@ -7,8 +7,10 @@ modalities' cosines): one (N, N) matrix product. Stage 2 fuses the query with
 each of its K best candidates in the cross-modal encoder and orders those K by
 the matching head's log-probability of "matched" (5-way ITM class 0) plus the
 towers' contrastive logit (learned scale times the cosine), i.e. by the product
-of the two models' probabilities; candidates below K keep their tower order.
-The true target of query i is candidate i.
+of the two models' probabilities; when the candidates are captions, the text
+decoder's log-likelihood of the candidate given the query, log P(caption |
+query), joins the product (``caption_likelihood``). Candidates below K keep
+their tower order. The true target of query i is candidate i.
 
 Metrics per direction: R@1/5/10 (fractions), mean rank (1 = first) and n;
 ``two_tower`` holds the same figures before re-ranking, ``seconds`` the time
@@ -69,8 +71,26 @@ def matching_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, 
     return torch.cat(scores)
 
 
+@torch.no_grad()
+def caption_log_likelihoods(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...],
+                            queries: torch.Tensor, captions: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """log P(caption | query) from the text decoder, summed over the caption's tokens,
+    for each (query row, caption row) pair (p,)."""
+    model, scores = loaded.model, []
+    for start in range(0, len(queries), batch_size):
+        index = queries[start:start + batch_size]
+        unimodal = {m: {k: v.to(loaded.device) for k, v in split.select(m, index).items()} for m in query}
+        fused = model.fuse(unimodal, query)
+        ids = split.text_ids[captions[start:start + batch_size]].to(loaded.device)
+        logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
+        targets = ids[:, 1:]
+        token = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        scores.append((token * (targets != loaded.tokenizer.pad_id)).sum(1).cpu())
+    return torch.cat(scores)
+
+
 def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], target: str, *,
-             rerank_k: int = 16) -> dict:
+             rerank_k: int = 16, caption_likelihood: bool = True) -> dict:
     """Rank all candidates for every query; metrics after re-ranking (and before, in ``two_tower``)."""
     missing = [m for m in (*query, target) if m not in split.unimodal]
     if missing:
@@ -95,6 +115,9 @@ def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], t
     with torch.no_grad():
         scale = float(loaded.model.temperature())
     matched = matched + scale * scores.gather(1, top)
+    if target == "text" and caption_likelihood:
+        matched = matched + caption_log_likelihoods(loaded, split, query, truth.repeat_interleave(k),
+                                                    top.reshape(-1)).reshape(n, k)
     ranks = tower_ranks.clone()
     inside = (top == truth[:, None])
     rows = inside.any(1)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torchaudio
 from safetensors.torch import load_file
-from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -88,13 +87,13 @@ class VisionEncoder(nn.Module):
         if not config.pretrained_path:  # start positions informative, as MAE does; they stay learnable
             with torch.no_grad():
                 self.vit.pos_embed.copy_(sincos_2d(image_size // config.patch_size, config.width)[None])
-        self.pool = Pooling(config.pool, width=config.width, heads=config.heads, mlp_ratio=mlp_ratio)
+        self.pool = config.pool
 
     def forward(self, pixels: torch.Tensor, *, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``hidden`` (b, n) True marks patches replaced by the mask embedding."""
         x = self.vit((pixels - 0.5) / 0.5, hidden, self.mask_embedding)  # (b, n, w)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return {"tokens": self.project(x), "mask": mask, "pooled": self.pool(x, mask)}
+        return {"tokens": self.project(x), "mask": mask, "pooled": pool(x, mask, self.pool)}
 
 
 class TextEncoder(nn.Module):
@@ -176,30 +175,18 @@ class Wav2Vec2ConvFront(nn.Module):
         return self.project(x), torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
 
 
-class Pooling(nn.Module):
-    """One vector per sample from the real positions of x (b, n, d): their mean, their
-    max, or ``attention``: a learned query attending over them (timm's
-    ``AttentionPoolLatent``, SigLIP's "map" head), which can pick out one object and
-    keep its position, where max pooling mixes every patch's position embedding.
-    Rows without any real position give zeros."""
+def pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Mean or max of the real positions of x (b, n, d) -> (b, d); rows without any give zeros.
 
-    def __init__(self, how: str, *, width: int, heads: int, mlp_ratio: int = 4) -> None:
-        super().__init__()
-        self.how = how
-        self.attention = (AttentionPoolLatent(width, num_heads=heads, mlp_ratio=mlp_ratio, norm_layer=nn.LayerNorm)
-                          if how == "attention" else None)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        present = mask.any(1, keepdim=True)
-        if self.how == "max":
-            pooled = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
-        elif self.how == "attention":
-            keys = mask | ~present  # a row without real positions attends to all; zeroed below
-            pooled = self.attention(x, attn_mask=keys[:, None, None, :])
-        else:
-            weights = mask[..., None].to(x.dtype)
-            return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return torch.where(present, pooled, torch.zeros_like(pooled))
+    (A learned attention query, timm's ``AttentionPoolLatent``, was tried for the image
+    tower: text-image alignment alone reached 0.30 in-batch accuracy at 600 steps, max
+    pooling 0.82.)
+    """
+    if how == "max":
+        pooled = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
+        return torch.where(mask.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
+    weights = mask[..., None].to(x.dtype)
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 class AudioEncoder(nn.Module):
@@ -220,7 +207,7 @@ class AudioEncoder(nn.Module):
                                        mlp_ratio=mlp_ratio, dropout=dropout)
         self.project = nn.Linear(config.width, out_width)
         self.max_positions = max_positions
-        self.pool = Pooling(config.pool, width=config.width, heads=config.heads, mlp_ratio=mlp_ratio)
+        self.pool = config.pool
         self.heads, self.distance_bias = config.heads, config.distance_bias
 
     @torch.no_grad()
@@ -239,5 +226,5 @@ class AudioEncoder(nn.Module):
         if self.distance_bias:
             mask = with_bias(mask, distance_bias(x.shape[1], self.heads, device=x.device), x.dtype)
         x = self.transformer(x, mask=mask)
-        pooled = self.pool(x, frame_mask)
+        pooled = pool(x, frame_mask, self.pool)
         return {"tokens": self.project(x), "mask": frame_mask, "pooled": pooled, "frames": frames}

@@ -61,7 +61,8 @@ class TaskMixture(nn.Module):
             end += phase.steps
             conditions = {task: getattr(phase, f"{task}_conditions") for task in GENERATION_CONDITIONS}
             self.schedule.append((end, self._weights(phase.weights), conditions))
-        self.schedule.append((None, self._weights(config.tasks.weights), {task: None for task in GENERATION_CONDITIONS}))
+        main_conditions = {task: None for task in GENERATION_CONDITIONS}
+        self.schedule.append((None, self._weights(config.tasks.weights), main_conditions))
         self.mode = config.tasks.mode
         if rank is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -21,7 +21,6 @@ from opt.model.opt_model import OPTModel
 from opt.tasks.base import TaskOutput, TaskRandom, accuracy, uniform
 
 
-
 def _sources(task: str, conditions: list[str], batch: dict, generator: torch.Generator) -> tuple[str, ...]:
     """One of ``conditions`` ("image", "image+audio", ...) among those whose modalities the
     batch carries (a run with ``data.modalities`` [text, image] has no audio to condition on)."""
