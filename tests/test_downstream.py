@@ -66,23 +66,26 @@ def test_reranking_only_reorders_the_top_k(encoded):
     assert full["seconds"]["rerank_pairs"] == 24 * 24
 
 
-def test_reranking_the_whole_pool_ranks_by_matching_tower_and_caption_scores(encoded):
-    """With K = N, the rank of each query's target is its rank by log P(matched) plus
-    the towers' contrastive logit (plus log P(caption | query) when captions are ranked)."""
+@pytest.mark.parametrize("query, target", [(("image",), "text"), (("text",), "image")])
+def test_reranking_the_whole_pool_ranks_by_matching_tower_and_caption_scores(encoded, query, target):
+    """With K = N, the rank of each query's target is its rank by log P(matched) plus the
+    towers' contrastive logit, plus the caption's likelihood given the image: log P(candidate
+    caption | query image) for I->T, log P(query caption | candidate image) for T->I."""
     from opt.downstream.retrieval import caption_log_likelihoods, matching_scores, tower_scores
 
     loaded, split = encoded
     n = len(split)
     queries = torch.arange(n).repeat_interleave(n)
     candidates = torch.arange(n).repeat(n)
-    matched = matching_scores(loaded, split, ("image",), "text", queries, candidates).reshape(n, n)
+    matched = matching_scores(loaded, split, query, target, queries, candidates).reshape(n, n)
     with torch.no_grad():
-        scores = matched + float(loaded.model.temperature()) * tower_scores(loaded, split, ("image",), "text")
-    likelihood = caption_log_likelihoods(loaded, split, ("image",), queries, candidates).reshape(n, n)
+        scores = matched + float(loaded.model.temperature()) * tower_scores(loaded, split, query, target)
+    images, captions = (queries, candidates) if target == "text" else (candidates, queries)
+    likelihood = caption_log_likelihoods(loaded, split, ("image",), images, captions).reshape(n, n)
     assert (likelihood < 0).all()
     for with_captions, total in ((False, scores), (True, scores + likelihood)):
         expected = 1 + (total > total.diagonal()[:, None]).sum(1)
-        result = retrieve(loaded, split, ("image",), "text", rerank_k=n, caption_likelihood=with_captions)
+        result = retrieve(loaded, split, query, target, rerank_k=n, caption_likelihood=with_captions)
         assert result["mean_rank"] == pytest.approx(expected.float().mean().item(), abs=1e-6)
     by_matching_alone = 1 + (matched > matched.diagonal()[:, None]).sum(1)
     assert not torch.equal(1 + (scores > scores.diagonal()[:, None]).sum(1), by_matching_alone)

@@ -7,10 +7,13 @@ modalities' cosines): one (N, N) matrix product. Stage 2 fuses the query with
 each of its K best candidates in the cross-modal encoder and orders those K by
 the matching head's log-probability of "matched" (5-way ITM class 0) plus the
 towers' contrastive logit (learned scale times the cosine), i.e. by the product
-of the two models' probabilities; when the candidates are captions, the text
-decoder's log-likelihood of the candidate given the query, log P(caption |
-query), joins the product (``caption_likelihood``). Candidates below K keep
-their tower order. The true target of query i is candidate i.
+of the two models' probabilities. With ``caption_likelihood`` the text
+decoder's log-likelihood of the caption joins the product whenever a caption
+is on one side: log P(candidate caption | query) when the candidates are
+captions, log P(query caption | candidate image) when a text query looks for
+images (T->I, T+A->I; the image alone conditions, since the query's speech
+would give its own words away). Candidates below K keep their tower order.
+The true target of query i is candidate i.
 
 Metrics per direction: R@1/5/10 (fractions), mean rank (1 = first) and n;
 ``two_tower`` holds the same figures before re-ranking, ``seconds`` the time
@@ -115,9 +118,13 @@ def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], t
     with torch.no_grad():
         scale = float(loaded.model.temperature())
     matched = matched + scale * scores.gather(1, top)
-    if target == "text" and caption_likelihood:
-        matched = matched + caption_log_likelihoods(loaded, split, query, truth.repeat_interleave(k),
-                                                    top.reshape(-1)).reshape(n, k)
+    if caption_likelihood and (target == "text" or (target == "image" and "text" in query)):
+        queries, candidates = truth.repeat_interleave(k), top.reshape(-1)
+        if target == "text":  # log P(candidate caption | query)
+            likelihood = caption_log_likelihoods(loaded, split, query, queries, candidates)
+        else:  # log P(query caption | candidate image): the captioner scores each image
+            likelihood = caption_log_likelihoods(loaded, split, ("image",), candidates, queries)
+        matched = matched + likelihood.reshape(n, k)
     ranks = tower_ranks.clone()
     inside = (top == truth[:, None])
     rows = inside.any(1)
