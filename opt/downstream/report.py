@@ -37,7 +37,7 @@ class EvalSettings:
     caption_likelihood: bool = True  # re-ranking adds the text decoder's log P(caption | query) or P(query | image)
     beam: int = 1  # captioning beam size (1 = greedy)
     generate_count: int = 64  # text-to-image: prompts per split
-    decoding: str = "parallel"
+    decoding: str = "autoregressive"  # text-to-image: autoregressive | parallel
     steps: int = 12
     guidance: float = 3.0
     seed: int = 0
