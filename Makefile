@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 # newest checkpoint. `make clean-demo` starts over.
 DEMO_CONFIG := configs/tiny.yaml
 DEMO_VQ_STEPS := 600
-DEMO_STEPS := 2300
+DEMO_STEPS := 3000
 
 demo: $(STAMP) $(DEMO_RUN)/report/report.md
 	@echo "demo: report in $(DEMO_RUN)/report/report.md (model in $(DEMO_RUN)/model)"

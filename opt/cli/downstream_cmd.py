@@ -20,8 +20,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 def _add_decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoding", default="autoregressive", choices=["parallel", "autoregressive"],
-                        help="image-token decoding (default autoregressive: on the demo model it drew every "
-                             "attribute better than 12 parallel steps, and faster on a CPU)")
+                        help="image-token decoding (default autoregressive: on the demo model it drew colour, "
+                             "size and position better than 12 parallel steps, and faster on a CPU)")
     parser.add_argument("--steps", type=positive_int, default=12, help="parallel decoding steps (default 12)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance, 1 = off (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
