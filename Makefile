@@ -26,7 +26,6 @@ $(STAMP): pyproject.toml requirements.lock
 # newest checkpoint. `make clean-demo` starts over.
 DEMO_CONFIG := configs/tiny.yaml
 DEMO_VQ_STEPS := 600
-DEMO_STEPS := 3000
 
 demo: $(STAMP) $(DEMO_RUN)/report/report.md
 	@echo "demo: report in $(DEMO_RUN)/report/report.md (model in $(DEMO_RUN)/model)"
@@ -45,8 +44,7 @@ $(DEMO_RUN)/vq/metrics.json: $(WORLD)/.complete
 		--out $(DEMO_RUN)/vq vq_train.steps=$(DEMO_VQ_STEPS)
 
 $(DEMO_RUN)/model/config.json: data/tokenizer.model $(DEMO_RUN)/vq/metrics.json
-	$(BIN)/opt train --config $(DEMO_CONFIG) --run-dir $(DEMO_RUN)/train train.vq_path=$(DEMO_RUN)/vq \
-		train.steps=$(DEMO_STEPS)
+	$(BIN)/opt train --config $(DEMO_CONFIG) --run-dir $(DEMO_RUN)/train train.vq_path=$(DEMO_RUN)/vq
 	$(BIN)/opt export $(DEMO_RUN)/train --out $(DEMO_RUN)/model
 
 $(DEMO_RUN)/report/report.md: $(DEMO_RUN)/model/config.json

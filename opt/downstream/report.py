@@ -21,7 +21,7 @@ from opt.data.shards import resolve_shards
 from opt.downstream.captioning import INPUTS, caption_metrics, caption_split
 from opt.downstream.common import EncodedSplit, LoadedModel, encode_split
 from opt.downstream.retrieval import DIRECTIONS, retrieve
-from opt.downstream.text_to_image import evaluate_text_to_image
+from opt.downstream.text_to_image import DEFAULT_DECODING, evaluate_text_to_image
 from opt.errors import UserError
 from opt.files import write_atomic
 from opt.viz import save_image_grid
@@ -37,7 +37,7 @@ class EvalSettings:
     caption_likelihood: bool = True  # re-ranking adds the text decoder's log P(caption | query) or P(query | image)
     beam: int = 1  # captioning beam size (1 = greedy)
     generate_count: int = 64  # text-to-image: prompts per split
-    decoding: str = "autoregressive"  # text-to-image: autoregressive | parallel
+    decoding: str = DEFAULT_DECODING  # text-to-image: autoregressive | parallel
     steps: int = 12
     guidance: float = 3.0
     seed: int = 0
