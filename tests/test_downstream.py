@@ -66,11 +66,11 @@ def test_reranking_only_reorders_the_top_k(encoded):
     assert full["seconds"]["rerank_pairs"] == 24 * 24
 
 
-@pytest.mark.parametrize("query, target", [(("image",), "text"), (("text",), "image")])
+@pytest.mark.parametrize("query, target", [(("image",), "text"), (("text",), "image"), (("text",), "audio")])
 def test_reranking_the_whole_pool_ranks_by_matching_tower_and_caption_scores(encoded, query, target):
     """With K = N, the rank of each query's target is its rank by log P(matched) plus the
     towers' contrastive logit, plus the caption's likelihood given the image: log P(candidate
-    caption | query image) for I->T, log P(query caption | candidate image) for T->I."""
+    caption | query image) for I->T, log P(query caption | candidate) for T->I and T->A."""
     from opt.downstream.retrieval import caption_log_likelihoods, matching_scores, tower_scores
 
     loaded, split = encoded
@@ -80,8 +80,9 @@ def test_reranking_the_whole_pool_ranks_by_matching_tower_and_caption_scores(enc
     matched = matching_scores(loaded, split, query, target, queries, candidates).reshape(n, n)
     with torch.no_grad():
         scores = matched + float(loaded.model.temperature()) * tower_scores(loaded, split, query, target)
-    images, captions = (queries, candidates) if target == "text" else (candidates, queries)
-    likelihood = caption_log_likelihoods(loaded, split, ("image",), images, captions).reshape(n, n)
+    condition = query if target == "text" else (target,)
+    sources, captions = (queries, candidates) if target == "text" else (candidates, queries)
+    likelihood = caption_log_likelihoods(loaded, split, condition, sources, captions).reshape(n, n)
     assert (likelihood < 0).all()
     for with_captions, total in ((False, scores), (True, scores + likelihood)):
         expected = 1 + (total > total.diagonal()[:, None]).sum(1)

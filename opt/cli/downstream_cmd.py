@@ -61,7 +61,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--limit", type=positive_int, help="use at most this many samples")
     retrieve.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
                           help="re-rank without the text decoder's caption likelihood (captions: "
-                          "log P(caption | query); images for a text query: log P(query | image))")
+                          "log P(caption | query); images or speech for a text query: log P(query | candidate))")
     retrieve.add_argument("--out", help="write the metrics to this JSON file")
     retrieve.set_defaults(handler=run_retrieve)
 
@@ -74,7 +74,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--rerank-k", type=non_negative_int, default=16, help="retrieval re-ranking (default 16)")
     evaluate.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
                           help="re-rank without the text decoder's caption likelihood (captions: "
-                          "log P(caption | query); images for a text query: log P(query | image))")
+                          "log P(caption | query); images or speech for a text query: log P(query | candidate))")
     evaluate.add_argument("--beam", type=positive_int, default=1, help="captioning beam size (default 1)")
     evaluate.add_argument("--generate-count", type=positive_int, default=64,
                           help="text-to-image prompts per split (default 64)")

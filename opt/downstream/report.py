@@ -34,7 +34,7 @@ GRID_COUNT = 16  # images shown in each report grid
 class EvalSettings:
     limit: int | None = None  # samples per split (None = all)
     rerank_k: int = 16  # retrieval: candidates re-ranked by the cross encoder (0 = off)
-    caption_likelihood: bool = True  # re-ranking adds the text decoder's log P(caption | query) or P(query | image)
+    caption_likelihood: bool = True  # re-ranking adds the text decoder's log P(caption | query) or P(query | candidate)
     beam: int = 1  # captioning beam size (1 = greedy)
     generate_count: int = 64  # text-to-image: prompts per split
     decoding: str = DEFAULT_DECODING  # text-to-image: autoregressive | parallel

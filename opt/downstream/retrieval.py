@@ -10,9 +10,10 @@ towers' contrastive logit (learned scale times the cosine), i.e. by the product
 of the two models' probabilities. With ``caption_likelihood`` the text
 decoder's log-likelihood of the caption joins the product whenever a caption
 is on one side: log P(candidate caption | query) when the candidates are
-captions, log P(query caption | candidate image) when a text query looks for
-images (T->I, T+A->I; the image alone conditions, since the query's speech
-would give its own words away). Candidates below K keep their tower order.
+captions, log P(query caption | candidate) when a text query looks for
+images or speech (T->I, T+A->I, T->A; the candidate alone conditions, since
+the query's speech would give its own words away). Candidates below K keep
+their tower order.
 The true target of query i is candidate i.
 
 Metrics per direction: R@1/5/10 (fractions), mean rank (1 = first) and n;
@@ -118,12 +119,12 @@ def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], t
     with torch.no_grad():
         scale = float(loaded.model.temperature())
     matched = matched + scale * scores.gather(1, top)
-    if caption_likelihood and (target == "text" or (target == "image" and "text" in query)):
+    if caption_likelihood and (target == "text" or "text" in query):
         queries, candidates = truth.repeat_interleave(k), top.reshape(-1)
         if target == "text":  # log P(candidate caption | query)
             likelihood = caption_log_likelihoods(loaded, split, query, queries, candidates)
-        else:  # log P(query caption | candidate image): the captioner scores each image
-            likelihood = caption_log_likelihoods(loaded, split, ("image",), candidates, queries)
+        else:  # log P(query caption | candidate): the captioner (or recogniser) scores each candidate
+            likelihood = caption_log_likelihoods(loaded, split, (target,), candidates, queries)
         matched = matched + likelihood.reshape(n, k)
     ranks = tower_ranks.clone()
     inside = (top == truth[:, None])
