@@ -115,3 +115,16 @@ def test_validation_logs_every_task_and_leaves_training_untouched(train_override
         assert validation[-1][f"val/{task}/loss"] > 0
     plain, validated = final_weights(tmp_path / "plain"), final_weights(tmp_path / "validated")
     assert all(torch.equal(plain[name], validated[name]) for name in plain)
+
+
+def test_bf16_training_validates_and_exports_an_fp32_model(train_overrides, tmp_path):
+    """A bf16 engine holds bf16 weights: validation runs under the same autocast as training
+    (it used to fail on the first evaluation), and the export is plain fp32."""
+    train(train_overrides + ["train.precision=bf16", "train.eval_every=2", "train.eval_batches=1"], tmp_path / "run", 2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if "val/td/accuracy" in r]
+    assert [r["step"] for r in validation] == [2]
+    assert 0.0 <= validation[0]["val/td/accuracy"] <= 1.0 and validation[0]["val/mlm/loss"] > 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
+    model = OPTModel.from_pretrained(tmp_path / "model")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -202,9 +202,16 @@ class Trainer:
                 break
         return batches
 
+    def _autocast(self):
+        """The training precision's autocast (a bf16 or fp16 engine holds its weights in that type,
+        so every forward, validation included, runs under it)."""
+        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.precision)
+        return torch.autocast(self.device.type, dtype=precision or torch.float32, enabled=precision is not None)
+
     def validate(self, batches: list[dict]) -> dict[str, float]:
         """Per-task validation metrics, keyed ``val/TASK/METRIC``."""
-        metrics = self.mixture.evaluate(self.model, batches, seed=self.config.train.seed)
+        with self._autocast():
+            metrics = self.mixture.evaluate(self.model, batches, seed=self.config.train.seed)
         return {f"val/{key}": value for key, value in metrics.items()}
 
     def _log(self, writer, record: dict) -> None:
@@ -220,7 +227,6 @@ class Trainer:
         loader, batches = self._batches()
         validation = self._validation_batches()
         writer = SummaryWriter(str(self.run / "tensorboard")) if self.is_main else None
-        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main))
         window = MetricWindow()
         last_loss: dict[str, float] = {}
@@ -228,7 +234,7 @@ class Trainer:
         while self.step < config.steps:
             batch = to_device(next(batches), self.device)
             self.consumed += 1
-            with torch.autocast(self.device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            with self._autocast():
                 loss, metrics = self.mixture(self.model, batch, self.step)
             if not torch.isfinite(loss):
                 self._nonfinite(f"loss {loss.item()}")
