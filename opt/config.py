@@ -67,6 +67,7 @@ class VQConfig:
 
 
 POOLING = ("mean", "max")
+VISION_STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -76,6 +77,9 @@ class VisionConfig:
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
     pool: str = "mean"  # two-tower pooling over patches: mean | max (max finds small objects on a plain background)
+    # patch: one linear map per patch (timm's ViT, as in the paper); conv: three strided 3x3
+    # convolutions with GroupNorm build the same grid of tokens, and see shapes much sooner
+    stem: str = "patch"
     pretrained_path: str | None = None  # optional local timm weights (.safetensors or .pth state dict)
 
 
@@ -271,6 +275,10 @@ def _validate(config: Config) -> None:
     for name in ("vision", "audio"):
         if getattr(config.model, name).pool not in POOLING:
             raise ConfigError(f"config key 'model.{name}.pool': {getattr(config.model, name).pool!r} is not {', '.join(POOLING)}")
+    if config.model.vision.stem not in VISION_STEMS:
+        raise ConfigError(f"config key 'model.vision.stem': {config.model.vision.stem!r} is not {', '.join(VISION_STEMS)}")
+    if config.model.vision.stem == "conv" and config.model.vision.pretrained_path:
+        raise ConfigError("config key 'model.vision.stem': pretrained ViT weights need the patch stem, not conv")
     if config.model.vision.patch_size != 8:
         raise ConfigError(f"config key 'model.vision.patch_size': must be 8, the VQ grid cell (masked vision "
                           f"modelling predicts each patch's code), got {config.model.vision.patch_size}")

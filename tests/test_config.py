@@ -41,6 +41,8 @@ def test_dotted_overrides_win_over_the_file():
     (["train.precision=fp8"], "config key 'train.precision'"),
     (["data.batch_size=0"], "config key 'data.batch_size'"),
     (["model.vision.patch_size=16"], "config key 'model.vision.patch_size'"),
+    (["model.vision.stem=resnet"], "config key 'model.vision.stem': 'resnet'"),
+    (["model.vision.stem=conv", "model.vision.pretrained_path=vit.safetensors"], "config key 'model.vision.stem'"),
     (["model.cross.heads=5"], "not divisible by 5 heads"),
     (["tasks.weights={mlm: 1, xyz: 1}"], "config key 'tasks.weights.xyz'"),
     (["tasks.phases=[{steps: 10, weights: {tdd: 1}}]"], "config key 'tasks.phases.0.weights.tdd'"),

@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 
-from opt.config import load_config
+from opt.config import VisionConfig, load_config
 from opt.data.pipeline import BatchLoader
-from opt.model.encoders import pool
+from opt.model.encoders import VisionEncoder, pool
 from opt.model.generation import (
     beam_search,
     filter_logits,
@@ -73,6 +73,26 @@ def _pad(batch, text_extra, frame_extra):
     padded["audio"]["features"] = torch.cat([features, torch.randn(features.shape[0], frame_extra, features.shape[2])], 1)
     padded["audio"]["mask"] = torch.cat([frames, torch.zeros(frames.shape[0], frame_extra, dtype=torch.bool)], 1)
     return padded
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_both_vision_stems_make_the_vq_grid_of_tokens(stem):
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(patch_size=8, layers=1, width=48, heads=4, stem=stem),
+                            image_size=64, out_width=32).eval()
+    pixels = torch.rand(2, 3, 64, 64)
+    changed = pixels.clone()
+    changed[:, :, 32:, 32:] = torch.rand(2, 3, 32, 32)  # the lower-right quadrant only
+    with torch.no_grad():
+        out = encoder(pixels)
+        before, after = (encoder.vit.patch_embed(x).reshape(2, 8, 8, -1) for x in (pixels, changed))  # row-major
+    assert out["tokens"].shape == (2, 64, 32) and out["pooled"].shape == (2, 48)
+    assert not torch.allclose(before[:, 4:, 4:], after[:, 4:, 4:])
+    # a patch token sees its own 8 x 8 cell; a conv token sees 15 px around its cell's centre
+    # (three 3x3 convolutions at stride 2), so the cell just above-left of the change notices it
+    assert torch.equal(before[:, 3, 3], after[:, 3, 3]) == (stem == "patch")
+    if stem == "patch":
+        assert torch.equal(before[:, :4], after[:, :4]) and torch.equal(before[:, :, :4], after[:, :, :4])
 
 
 def test_padding_never_changes_real_positions(model_and_batch):

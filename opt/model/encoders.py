@@ -17,6 +17,7 @@ text is masked at the id level.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -53,6 +54,20 @@ def sincos_2d(side: int, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(embedding, (0, width - embedding.shape[1]))
 
 
+def conv_stem(patch_size: int, width: int) -> nn.Sequential:
+    """Strided 3x3 convolutions (log2(patch_size) of them, channels doubling up to ``width``)
+    mapping (b, 3, H, W) to (b, width, H/p, W/p): the same token grid as a patch embedding,
+    with the locality prior of a CNN (Xiao et al. 2021, "Early convolutions help transformers see better")."""
+    stages = patch_size.bit_length() - 1
+    channels = [3] + [max(width >> (stages - i), 8) for i in range(1, stages)] + [width]
+    layers: list[nn.Module] = []
+    for i in range(stages):
+        layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
+        if i < stages - 1:
+            layers += [nn.GroupNorm(math.gcd(8, channels[i + 1]), channels[i + 1]), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
 class MaskableVisionTransformer(VisionTransformer):
     """timm's ViT whose forward can replace some patch embeddings before positions are added.
 
@@ -79,6 +94,8 @@ class VisionEncoder(nn.Module):
             num_heads=config.heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool="", class_token=False,
             drop_rate=dropout, proj_drop_rate=dropout, attn_drop_rate=dropout,
         )
+        if config.stem == "conv":  # timm's PatchEmbed keeps its flattening; only the projection changes
+            self.vit.patch_embed.proj = conv_stem(config.patch_size, config.width)
         if config.pretrained_path:
             self.vit.load_state_dict(_load_state_dict(config.pretrained_path), strict=False)
         self.mask_embedding = nn.Parameter(torch.zeros(config.width))
