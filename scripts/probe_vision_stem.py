@@ -13,6 +13,7 @@ in this one process with the same seed, batches and steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -40,8 +41,7 @@ def one_object_images(pattern: str, config) -> tuple[torch.Tensor, torch.Tensor,
 class Probe(nn.Module):
     def __init__(self, config, stem: str) -> None:
         super().__init__()
-        vision = config.model.vision
-        vision.stem = stem
+        vision = dataclasses.replace(config.model.vision, stem=stem)
         self.encoder = VisionEncoder(vision, image_size=config.data.image_size, out_width=vision.width)
         self.query = nn.Parameter(torch.randn(1, 1, vision.width) * 0.02)
         self.read = nn.MultiheadAttention(vision.width, vision.heads, batch_first=True)
