@@ -7,7 +7,7 @@ the one-object images of the synthetic world to name the object's shape (6) and
 position (5); accuracy is on the one-object images of ``--val``. Both stems run
 in this one process with the same seed, batches and steps.
 
-    python scripts/probe_vision_stem.py --data 'data/world/train-*.tar' --val 'data/world/val-*.tar'
+    python scripts/probe_vision_stem.py [--config configs/tiny.yaml] [--steps 1000]
 """
 
 from __future__ import annotations
@@ -57,17 +57,19 @@ class Probe(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--data", default="data/world/train-*.tar")
-    parser.add_argument("--val", default="data/world/val-*.tar")
+    parser.add_argument("--data", help="training shards (default: the config's data.train)")
+    parser.add_argument("--val", help="validation shards (default: the config's data.val)")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=250, help="evaluate every this many steps")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     config = load_config(args.config, ["data.modalities=[image]", "data.workers=0", "data.batch_size=64"])
-    train, val = one_object_images(args.data, config), one_object_images(args.val, config)
+    train = one_object_images(args.data or config.data.train, config)
+    val = one_object_images(args.val or config.data.val, config)
     print(f"{len(train[0])} one-object training images, {len(val[0])} for validation; "
-          f"batch 32, lr {args.lr}")
+          f"batch {args.batch_size}, lr {args.lr}")
     rows = []
     for stem in VISION_STEMS:
         torch.manual_seed(args.seed)
@@ -76,7 +78,7 @@ def main() -> None:
         order = torch.Generator().manual_seed(args.seed)
         start = time.perf_counter()
         for step in range(1, args.steps + 1):
-            index = torch.randint(len(train[0]), (32,), generator=order)
+            index = torch.randint(len(train[0]), (args.batch_size,), generator=order)
             shape_logits, position_logits = probe(train[0][index])
             loss = F.cross_entropy(shape_logits, train[1][index]) + F.cross_entropy(position_logits, train[2][index])
             optimizer.zero_grad(set_to_none=True)

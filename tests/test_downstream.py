@@ -69,8 +69,8 @@ def test_reranking_only_reorders_the_top_k(encoded):
 @pytest.mark.parametrize("query, target", [(("image",), "text"), (("text",), "image"), (("text",), "audio")])
 def test_reranking_the_whole_pool_ranks_by_matching_tower_and_caption_scores(encoded, query, target):
     """With K = N, the rank of each query's target is its rank by log P(matched) plus the
-    towers' contrastive logit, plus the caption's likelihood given the image: log P(candidate
-    caption | query image) for I->T, log P(query caption | candidate) for T->I and T->A."""
+    towers' contrastive logit, plus the caption's likelihood: log P(candidate caption | query
+    image) for I->T, log P(query caption | candidate image or speech) for T->I and T->A."""
     from opt.downstream.retrieval import caption_log_likelihoods, matching_scores, tower_scores
 
     loaded, split = encoded

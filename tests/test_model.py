@@ -88,8 +88,9 @@ def test_both_vision_stems_make_the_vq_grid_of_tokens(stem):
         before, after = (encoder.vit.patch_embed(x).reshape(2, 8, 8, -1) for x in (pixels, changed))  # row-major
     assert out["tokens"].shape == (2, 64, 32) and out["pooled"].shape == (2, 48)
     assert not torch.allclose(before[:, 4:, 4:], after[:, 4:, 4:])
-    # a patch token sees its own 8 x 8 cell; a conv token sees 15 px around its cell's centre
-    # (three 3x3 convolutions at stride 2), so the cell just above-left of the change notices it
+    # a patch token sees its own 8 x 8 cell only; a conv token sees past its cell (three 3x3
+    # convolutions at stride 2 reach 15 px, and GroupNorm's statistics span the image), so the
+    # cell just above-left of the change notices it
     assert torch.equal(before[:, 3, 3], after[:, 3, 3]) == (stem == "patch")
     if stem == "patch":
         assert torch.equal(before[:, :4], after[:, :4]) and torch.equal(before[:, :, :4], after[:, :, :4])
