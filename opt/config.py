@@ -80,6 +80,10 @@ class VisionConfig:
     # patch: one linear map per patch (timm's ViT, as in the paper); conv: three strided 3x3
     # convolutions with GroupNorm build the same grid of tokens, and see shapes much sooner
     stem: str = "patch"
+    # conv stem only: two more input channels holding each pixel's x and y in [-1, 1] (CoordConv,
+    # Liu et al. 2018), so the stem's nonlinearities tie position to content
+    coord_channels: bool = False
+    stem_depth: int = 1  # conv stem: 3x3 convolutions per resolution (1: the strided ones alone)
     pretrained_path: str | None = None  # optional local timm weights (.safetensors or .pth state dict)
 
 
@@ -279,6 +283,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config key 'model.vision.stem': {config.model.vision.stem!r} is not {', '.join(VISION_STEMS)}")
     if config.model.vision.stem == "conv" and config.model.vision.pretrained_path:
         raise ConfigError("config key 'model.vision.stem': pretrained ViT weights need the patch stem, not conv")
+    if config.model.vision.stem_depth < 1:
+        raise ConfigError(f"config key 'model.vision.stem_depth': must be at least 1, got {config.model.vision.stem_depth}")
+    if config.model.vision.coord_channels and config.model.vision.stem != "conv":
+        raise ConfigError("config key 'model.vision.coord_channels': coordinate channels need model.vision.stem=conv")
     if config.model.vision.patch_size != 8:
         raise ConfigError(f"config key 'model.vision.patch_size': must be 8, the VQ grid cell (masked vision "
                           f"modelling predicts each patch's code), got {config.model.vision.patch_size}")

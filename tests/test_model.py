@@ -10,7 +10,7 @@ import torch
 
 from opt.config import VisionConfig, load_config
 from opt.data.pipeline import BatchLoader
-from opt.model.encoders import VisionEncoder, pool
+from opt.model.encoders import CoordinateChannels, VisionEncoder, conv_stem, pool
 from opt.model.generation import (
     beam_search,
     filter_logits,
@@ -78,7 +78,8 @@ def _pad(batch, text_extra, frame_extra):
 @pytest.mark.parametrize("stem", ["patch", "conv"])
 def test_both_vision_stems_make_the_vq_grid_of_tokens(stem):
     torch.manual_seed(0)
-    encoder = VisionEncoder(VisionConfig(patch_size=8, layers=1, width=48, heads=4, stem=stem),
+    encoder = VisionEncoder(VisionConfig(patch_size=8, layers=1, width=48, heads=4, stem=stem,
+                                         coord_channels=stem == "conv"),
                             image_size=64, out_width=32).eval()
     pixels = torch.rand(2, 3, 64, 64)
     changed = pixels.clone()
@@ -94,6 +95,27 @@ def test_both_vision_stems_make_the_vq_grid_of_tokens(stem):
     assert torch.equal(before[:, 3, 3], after[:, 3, 3]) == (stem == "patch")
     if stem == "patch":
         assert torch.equal(before[:, :4], after[:, :4]) and torch.equal(before[:, :, :4], after[:, :, :4])
+
+
+@pytest.mark.parametrize("coord_channels", [False, True])
+def test_only_coordinate_channels_let_a_mean_over_the_stem_tell_where_an_object_is(coord_channels):
+    """A convolution is blind to where its input is: an object moved by a multiple of the
+    stride (and kept away from the borders) gives the same features, moved, so their mean over
+    the grid (what a uniform attention reads) is the same. With coordinate channels it is not."""
+    torch.manual_seed(0)
+    stem = conv_stem(8, 32, in_channels=5 if coord_channels else 3, depth=2)
+    stem = CoordinateChannels(stem) if coord_channels else stem
+    red = torch.tensor([0.9, 0.2, 0.2])[:, None, None]
+    left, right = torch.zeros(2, 1, 3, 128, 128)  # 128 px: the stem reaches 27 px, the borders stay out of it
+    left[0, :, 56:68, 40:52] = red
+    right[0, :, 56:68, 56:68] = red  # the same square, 16 px (two tokens) to the right
+    with torch.no_grad():
+        features = [stem(x) for x in (left, right)]
+    assert features[0].shape == (1, 32, 16, 16)
+    if not coord_channels:
+        torch.testing.assert_close(features[0][..., 3:8], features[1][..., 5:10])
+    means = [f.mean(dim=(2, 3)) for f in features]
+    assert torch.allclose(means[0], means[1], atol=1e-5) == (not coord_channels)
 
 
 def test_padding_never_changes_real_positions(model_and_batch):
