@@ -287,6 +287,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config key 'model.vision.stem_depth': must be at least 1, got {config.model.vision.stem_depth}")
     if config.model.vision.coord_channels and config.model.vision.stem != "conv":
         raise ConfigError("config key 'model.vision.coord_channels': coordinate channels need model.vision.stem=conv")
+    if config.model.vision.stem_depth > 1 and config.model.vision.stem != "conv":
+        raise ConfigError("config key 'model.vision.stem_depth': a deeper stem needs model.vision.stem=conv")
     if config.model.vision.patch_size != 8:
         raise ConfigError(f"config key 'model.vision.patch_size': must be 8, the VQ grid cell (masked vision "
                           f"modelling predicts each patch's code), got {config.model.vision.patch_size}")

@@ -41,7 +41,8 @@ def one_object_images(pattern: str, config) -> tuple[torch.Tensor, torch.Tensor,
 class Probe(nn.Module):
     def __init__(self, config, stem: str) -> None:
         super().__init__()
-        vision = dataclasses.replace(config.model.vision, stem=stem)
+        vision = dataclasses.replace(config.model.vision, stem=stem,  # coordinate channels are conv-only
+                                     coord_channels=config.model.vision.coord_channels and stem == "conv")
         self.encoder = VisionEncoder(vision, image_size=config.data.image_size, out_width=vision.width)
         self.query = nn.Parameter(torch.randn(1, 1, vision.width) * 0.02)
         self.read = nn.MultiheadAttention(vision.width, vision.heads, batch_first=True)
