@@ -10,7 +10,7 @@ import torch
 
 from opt.config import VisionConfig, load_config
 from opt.data.pipeline import BatchLoader
-from opt.model.encoders import CoordinateChannels, VisionEncoder, conv_stem, pool
+from opt.model.encoders import VisionEncoder, conv_stem, pool
 from opt.model.generation import (
     beam_search,
     filter_logits,
@@ -103,8 +103,7 @@ def test_only_coordinate_channels_let_a_mean_over_the_stem_tell_where_an_object_
     stride (and kept away from the borders) gives the same features, moved, so their mean over
     the grid (what a uniform attention reads) is the same. With coordinate channels it is not."""
     torch.manual_seed(0)
-    stem = conv_stem(8, 32, in_channels=5 if coord_channels else 3, depth=2)
-    stem = CoordinateChannels(stem) if coord_channels else stem
+    stem = conv_stem(8, 32, coord_channels=coord_channels, depth=2)
     red = torch.tensor([0.9, 0.2, 0.2])[:, None, None]
     left, right = torch.zeros(2, 1, 3, 128, 128)  # 128 px: the stem reaches 27 px, the borders stay out of it
     left[0, :, 56:68, 40:52] = red

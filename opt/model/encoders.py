@@ -54,24 +54,6 @@ def sincos_2d(side: int, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(embedding, (0, width - embedding.shape[1]))
 
 
-def conv_stem(patch_size: int, width: int, *, in_channels: int = 3, depth: int = 1) -> nn.Sequential:
-    """Strided 3x3 convolutions (log2(patch_size) of them, channels doubling up to ``width``)
-    mapping (b, in_channels, H, W) to (b, width, H/p, W/p): the same token grid as a patch embedding,
-    with the locality prior of a CNN (Xiao et al. 2021, "Early convolutions help transformers see better").
-    ``depth`` > 1 adds ``depth - 1`` stride-1 3x3 convolutions after each strided one but the last."""
-    stages = patch_size.bit_length() - 1
-    channels = [in_channels] + [max(width >> (stages - i), 8) for i in range(1, stages)] + [width]
-    layers: list[nn.Module] = []
-    for i in range(stages):
-        layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
-        if i < stages - 1:
-            layers += [nn.GroupNorm(math.gcd(8, channels[i + 1]), channels[i + 1]), nn.GELU()]
-            for _ in range(depth - 1):
-                layers += [nn.Conv2d(channels[i + 1], channels[i + 1], 3, padding=1),
-                           nn.GroupNorm(math.gcd(8, channels[i + 1]), channels[i + 1]), nn.GELU()]
-    return nn.Sequential(*layers)
-
-
 class CoordinateChannels(nn.Module):
     """Prepends two channels, each pixel's x and y in [-1, 1], then runs ``stem`` (CoordConv,
     Liu et al. 2018). A position embedding added after the stem is the same for an object's
@@ -88,6 +70,30 @@ class CoordinateChannels(nn.Module):
         y, x = torch.meshgrid(torch.linspace(-1, 1, h, device=pixels.device, dtype=pixels.dtype),
                               torch.linspace(-1, 1, w, device=pixels.device, dtype=pixels.dtype), indexing="ij")
         return self.stem(torch.cat([pixels, torch.stack([x, y]).expand(b, -1, -1, -1)], dim=1))
+
+
+def conv_stem(patch_size: int, width: int, *, coord_channels: bool = False, depth: int = 1) -> nn.Module:
+    """Strided 3x3 convolutions (log2(patch_size) of them, channels doubling up to ``width``)
+    mapping (b, 3, H, W) to (b, width, H/p, W/p): the same token grid as a patch embedding,
+    with the locality prior of a CNN (Xiao et al. 2021, "Early convolutions help transformers see better").
+    ``depth`` > 1 adds ``depth - 1`` stride-1 3x3 convolutions after each strided one but the last;
+    ``coord_channels`` feeds the pixels' coordinates in beside them (:class:`CoordinateChannels`)."""
+    stages = patch_size.bit_length() - 1
+    channels = [5 if coord_channels else 3] + [max(width >> (stages - i), 8) for i in range(1, stages)] + [width]
+
+    def norm_and_activation(c: int) -> list[nn.Module]:
+        return [nn.GroupNorm(math.gcd(8, c), c), nn.GELU()]
+
+    layers: list[nn.Module] = []
+    for i in range(stages):
+        layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
+        if i < stages - 1:
+            layers += norm_and_activation(channels[i + 1])
+            for _ in range(depth - 1):
+                layers += [nn.Conv2d(channels[i + 1], channels[i + 1], 3, padding=1),
+                           *norm_and_activation(channels[i + 1])]
+    stem = nn.Sequential(*layers)
+    return CoordinateChannels(stem) if coord_channels else stem
 
 
 class MaskableVisionTransformer(VisionTransformer):
@@ -117,9 +123,8 @@ class VisionEncoder(nn.Module):
             drop_rate=dropout, proj_drop_rate=dropout, attn_drop_rate=dropout,
         )
         if config.stem == "conv":  # timm's PatchEmbed keeps its flattening; only the projection changes
-            stem = conv_stem(config.patch_size, config.width, in_channels=5 if config.coord_channels else 3,
-                             depth=config.stem_depth)
-            self.vit.patch_embed.proj = CoordinateChannels(stem) if config.coord_channels else stem
+            self.vit.patch_embed.proj = conv_stem(config.patch_size, config.width,
+                                                  coord_channels=config.coord_channels, depth=config.stem_depth)
         if config.pretrained_path:
             self.vit.load_state_dict(_load_state_dict(config.pretrained_path), strict=False)
         self.mask_embedding = nn.Parameter(torch.zeros(config.width))
