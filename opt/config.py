@@ -184,6 +184,7 @@ class TasksConfig:
     mam_temperature: float = 0.1  # InfoNCE temperature of masked audio modelling
     mam_negatives: int = 10  # distractors per hidden frame, other frames of its own utterance (0 = all of them)
     condition_dropout: float = 0.1  # image decoding: conditions replaced by the null context (guidance)
+    id_parallel_fraction: float = 0.5  # image decoding: share of steps on the MaskGIT objective, the rest autoregressive
     itm_modality_drop: float = 0.3  # ITM: probability a sample loses its image or its audio (labels follow)
     queue_size: int = 1024  # contrastive: momentum embeddings kept per modality as extra negatives
     momentum: float = 0.995  # contrastive: EMA decay of the momentum encoders
@@ -319,6 +320,9 @@ def _validate(config: Config) -> None:
             if bad or not conditions:
                 raise ConfigError(f"config key '{key}': {bad[0] if bad else 'empty'!r} is not a condition "
                                   f"(one of {', '.join(allowed)} or both joined by '+')")
+    if not 0.0 <= config.tasks.id_parallel_fraction <= 1.0:
+        raise ConfigError(f"config key 'tasks.id_parallel_fraction': must be in [0, 1], "
+                          f"got {config.tasks.id_parallel_fraction}")
     if config.tasks.mode not in ("sample", "sum"):
         raise ConfigError(f"config key 'tasks.mode': {config.tasks.mode!r} is not sample or sum")
     pairs = [pair_name(p) for p in TOWER_PAIRS]

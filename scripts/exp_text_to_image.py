@@ -1,6 +1,7 @@
 """Text-to-image experiment: generate from the captions of a split with each
-decoding mode and guidance, score the pictures with the world analyser and the
-model's towers, and print the table.
+decoding mode, guidance and number of candidates (best of N by the model's own
+captioner), score the pictures with the world analyser and the model's towers,
+and print the table.
 
     python scripts/exp_text_to_image.py --model runs/demo/model --data 'data/world/test-*.tar' --count 64
 """
@@ -16,7 +17,8 @@ from opt.downstream.text_to_image import evaluate_text_to_image
 
 COLUMNS = ("attribute_accuracy", "attribute_color", "attribute_position_or_relation", "attribute_size",
            "attribute_shape", "r_precision")
-SETTINGS = (("parallel", 12, 1.0), ("parallel", 12, 3.0), ("autoregressive", 0, 1.0), ("autoregressive", 0, 3.0))
+SETTINGS = (("parallel", 12, 1.0, 1), ("parallel", 12, 3.0, 1), ("parallel", 12, 3.0, 8),
+            ("autoregressive", 0, 1.0, 1), ("autoregressive", 0, 3.0, 1), ("autoregressive", 0, 3.0, 8))
 
 
 def main() -> None:
@@ -29,12 +31,13 @@ def main() -> None:
     loaded = load_model(args.model)
     split = encode_split(loaded, args.data, limit=max(args.count, 100))
     rows = {}
-    for decoding, steps, guidance in SETTINGS:
+    for decoding, steps, guidance, candidates in SETTINGS:
         start = time.perf_counter()
         metrics, _, _ = evaluate_text_to_image(loaded, split, count=args.count, decoding=decoding,
-                                               steps=steps or 12, guidance=guidance)
+                                               steps=steps or 12, guidance=guidance, candidates=candidates)
         metrics["seconds"] = time.perf_counter() - start
-        rows[f"{decoding} (steps {steps or split.unimodal['image']['tokens'].shape[1]}, guidance {guidance})"] = metrics
+        steps = steps or split.unimodal["image"]["tokens"].shape[1]
+        rows[f"{decoding} (steps {steps}, guidance {guidance}, best of {candidates})"] = metrics
     print("| decoding | " + " | ".join(COLUMNS) + " | seconds |\n" + "|---" * (len(COLUMNS) + 2) + "|")
     for name, metrics in rows.items():
         print(f"| {name} | " + " | ".join(f"{metrics[c]:.3f}" for c in COLUMNS) + f" | {metrics['seconds']:.1f} |")

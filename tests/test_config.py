@@ -54,6 +54,7 @@ def test_dotted_overrides_win_over_the_file():
     (["tasks.td_conditions=[image+text]"], "config key 'tasks.td_conditions': 'image+text'"),
     (["tasks.phases=[{steps: 5, weights: {id: 1}, id_conditions: []}]"], "config key 'tasks.phases.0.id_conditions'"),
     (["tasks.contrastive_pairs=[text-video]"], "config key 'tasks.contrastive_pairs': 'text-video'"),
+    (["tasks.id_parallel_fraction=1.5"], "config key 'tasks.id_parallel_fraction'"),
     (["novalue"], "must look like key.path=value"),
 ])
 def test_bad_overrides_are_one_line_errors_naming_the_key(overrides, message):

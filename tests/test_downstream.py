@@ -3,6 +3,7 @@ captioning, text-to-image, retrieval and the evaluation report."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -161,6 +162,36 @@ def test_generate_with_speech_and_autoregressive_decoding(model_dir, world, tmp_
     assert main(["generate", "--model", str(model_dir), "--prompt", "a red square", "--audio",
                  str(tmp_path / "speech.wav"), "--out", str(out), "--decoding", "autoregressive"]) == 0
     assert (out / "00000_00.png").is_file()
+
+
+def test_prompt_agreement_is_the_captioners_log_likelihood_of_the_prompt(encoded):
+    from opt.downstream.retrieval import caption_log_likelihoods
+    from opt.downstream.text_to_image import prompt_agreement, prompt_batch
+
+    loaded, split = encoded
+    index = torch.arange(5)
+    batch = prompt_batch(loaded, split.captions[:5])
+    agreement = prompt_agreement(loaded, batch, split.pixels[:5])
+    expected = caption_log_likelihoods(loaded, split, ("image",), index, index)
+    assert (agreement < 0).all() and torch.allclose(agreement, expected, atol=1e-3)
+
+
+def test_best_of_candidates_keeps_each_prompts_highest_scoring_sample(encoded):
+    from opt.downstream import text_to_image
+
+    loaded, split = encoded
+    loaded = copy.deepcopy(loaded)
+    with torch.no_grad():  # the fixture's VQ is untrained (a zero codebook draws every code alike)
+        loaded.model.vq.quantizer._codebook.embed.normal_(generator=torch.Generator().manual_seed(0))
+    batch = text_to_image.prompt_batch(loaded, split.captions[:3])
+    options = {"decoding": "autoregressive", "steps": 2, "guidance": 1.0, "temperature": 1.0}
+    repeated = text_to_image._repeat_rows(batch, 4)
+    samples = text_to_image._sample_images(loaded, repeated, generator=torch.Generator().manual_seed(5), **options)
+    scores = text_to_image.prompt_agreement(loaded, repeated, samples).reshape(3, 4)
+    chosen = text_to_image.generate_images(loaded, batch, candidates=4, seed=5, **options)
+    assert chosen.shape == (3, *samples.shape[1:]) and not torch.equal(samples[0], samples[1])
+    for prompt in range(3):
+        assert torch.equal(chosen[prompt], samples[4 * prompt + int(scores[prompt].argmax())])
 
 
 def test_eval_writes_metrics_report_and_pictures(model_dir, world, tmp_path):

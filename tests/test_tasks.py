@@ -170,6 +170,17 @@ def test_a_phase_can_restrict_what_decoding_conditions_on(small_setup):
     assert in_phase == {"accuracy_from_audio"} and after == {"accuracy_from_image"}
 
 
+@pytest.mark.parametrize("fraction, objectives", [(0.0, {"autoregressive"}), (1.0, {"parallel"}),
+                                                 (0.5, {"autoregressive", "parallel"})])
+def test_image_decoding_trains_the_configured_share_of_parallel_steps(small_setup, fraction, objectives):
+    _, model, batch = small_setup
+    config = load_config("configs/tiny.yaml", SMALL + [f"tasks.id_parallel_fraction={fraction}"])
+    mixture = TaskMixture(config, model)
+    seen = {key.removeprefix("loss_") for _ in range(12)
+            for key in mixture.task("id")(model, batch, mixture.random).metrics if key.startswith("loss_")}
+    assert seen == objectives
+
+
 def test_contrastive_state_includes_momentum_encoders_and_queues(small_setup):
     config, model, batch = small_setup
     mixture = TaskMixture(config, model)

@@ -10,6 +10,7 @@ from pathlib import Path
 from opt.cli.common import DATA_HELP, non_negative_int, positive_int
 from opt.errors import UserError
 
+DEFAULT_CANDIDATES = 8  # text-to-image best-of-N (a literal here so the CLI starts without importing torch)
 MODEL_HELP = "model directory written by opt export (config.json, model.safetensors, vq/, tokenizer.model)"
 
 
@@ -25,6 +26,9 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=12, help="parallel decoding steps (default 12)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance, 1 = off (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
+                        help="draw this many images per requested one and keep the one whose prompt the model's "
+                             f"captioner finds most likely (default {DEFAULT_CANDIDATES}; 1 = plain sampling)")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -136,7 +140,7 @@ def run_generate(args: argparse.Namespace) -> None:
     repeated = [p for p in prompts for _ in range(args.n)]
     batch = prompt_batch(loaded, repeated, [audio] * len(repeated) if audio is not None else None)
     images = generate_images(loaded, batch, decoding=args.decoding, steps=args.steps, guidance=args.guidance,
-                             seed=args.seed)
+                             candidates=args.candidates, seed=args.seed)
     paths = save_generations(images, prompts, args.out, samples=args.n)
     print(f"generate: {len(paths)} images -> {args.out} (grid: {Path(args.out) / 'grid.png'})")
 
@@ -185,7 +189,8 @@ def run_eval(args: argparse.Namespace) -> None:
     settings = EvalSettings(limit=args.limit, rerank_k=args.rerank_k, caption_likelihood=args.caption_likelihood,
                             beam=args.beam,
                             generate_count=args.generate_count, decoding=args.decoding, steps=args.steps,
-                            guidance=args.guidance, seed=args.seed, with_meteor=args.meteor)
+                            guidance=args.guidance, candidates=args.candidates, seed=args.seed,
+                            with_meteor=args.meteor)
     results = evaluate_model(_load(args), args.data, args.out, settings=settings, curves=curves,
                              model_name=Path(args.model).name)
     for split in ("test", "test_novel"):

@@ -21,7 +21,7 @@ from opt.data.shards import resolve_shards
 from opt.downstream.captioning import INPUTS, caption_metrics, caption_split
 from opt.downstream.common import EncodedSplit, LoadedModel, encode_split
 from opt.downstream.retrieval import DIRECTIONS, retrieve
-from opt.downstream.text_to_image import DEFAULT_DECODING, evaluate_text_to_image
+from opt.downstream.text_to_image import DEFAULT_CANDIDATES, DEFAULT_DECODING, evaluate_text_to_image
 from opt.errors import UserError
 from opt.files import write_atomic
 from opt.viz import save_image_grid
@@ -40,6 +40,7 @@ class EvalSettings:
     decoding: str = DEFAULT_DECODING  # text-to-image: autoregressive | parallel
     steps: int = 12
     guidance: float = 3.0
+    candidates: int = DEFAULT_CANDIDATES  # text-to-image: samples per prompt, the best by the model's own captioner kept
     seed: int = 0
     with_meteor: bool = True
 
@@ -76,7 +77,8 @@ def evaluate_split(loaded: LoadedModel, shards: str, settings: EvalSettings) -> 
     start = time.perf_counter()
     t2i, images, prompts = evaluate_text_to_image(loaded, split, count=settings.generate_count,
                                                   decoding=settings.decoding, steps=settings.steps,
-                                                  guidance=settings.guidance, seed=settings.seed)
+                                                  guidance=settings.guidance, candidates=settings.candidates,
+                                                  seed=settings.seed)
     metrics["text_to_image"] = {"text": t2i}
     timings["text_to_image"] = time.perf_counter() - start
     pictures = {"generated": (images[:GRID_COUNT], prompts[:GRID_COUNT]), "captions": shown,

@@ -2,11 +2,15 @@
 the fused prompt, the VQ tokenizer turns them into pixels.
 
 Decoding is MaskGIT-style parallel (``steps`` steps) or autoregressive, with
-classifier-free guidance ``guidance`` (1 = off). Evaluation on the synthetic
-world prompts with the test captions and scores each picture by the fixed
-analyser of :mod:`opt.downstream.image_analysis` against the caption's facts
-(not by the model under test), plus R-precision: how often the model's own
-towers rank the prompt first among itself and 99 other prompts.
+classifier-free guidance ``guidance`` (1 = off). With ``candidates`` > 1 each
+image is the best of that many samples by the model's own reading of them
+(as DALL-E re-ranked its samples with CLIP): the text decoder's log P(prompt |
+candidate image), i.e. how likely the model's captioner finds the prompt as a
+caption of what was drawn. Evaluation on the synthetic world prompts with the test captions
+and scores each picture by the fixed analyser of
+:mod:`opt.downstream.image_analysis` against the caption's facts (not by the
+model under test), plus R-precision: how often the model's own towers rank the
+prompt first among itself and 99 other prompts.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ DECODINGS = ("parallel", "autoregressive")
 # on the demo model autoregressive decoding drew colour, size and position better than
 # 12 parallel steps (and is faster on a CPU)
 DEFAULT_DECODING = "autoregressive"
+DEFAULT_CANDIDATES = 8  # best of 8 by the model's own captioner (README: text-to-image)
 
 
 def prompt_batch(loaded: LoadedModel, prompts: list[str], audio: list[bytes] | None = None) -> dict:
@@ -52,22 +57,66 @@ def prompt_batch(loaded: LoadedModel, prompts: list[str], audio: list[bytes] | N
 
 
 @torch.no_grad()
-def generate_images(loaded: LoadedModel, batch: dict, *, decoding: str = DEFAULT_DECODING, steps: int = 12,
-                    guidance: float = 3.0, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """Images (b, 3, H, W) in [0, 1] for a prompt batch (text and/or audio)."""
-    if decoding not in DECODINGS:
-        raise UserError(f"--decoding {decoding!r} is not parallel or autoregressive")
+def _sample_images(loaded: LoadedModel, batch: dict, *, decoding: str, steps: int, guidance: float,
+                   temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """One image (b, 3, H, W) in [0, 1] per prompt row of ``batch``."""
     model = loaded.model
     sources = tuple(m for m in ("text", "audio") if m in batch)
     fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
-    generator = torch.Generator(device=loaded.device).manual_seed(seed)
     if decoding == "parallel":
         codes = generate_image_codes_parallel(model.image_decoder, fused["states"], fused["mask"], steps=steps,
                                               guidance=guidance, temperature=temperature, generator=generator)
     else:
         codes = generate_image_codes_autoregressive(model.image_decoder, fused["states"], fused["mask"],
                                                     guidance=guidance, temperature=temperature, generator=generator)
-    return model.decode_image_codes(codes).clamp(0, 1).float().cpu()
+    return model.decode_image_codes(codes).clamp(0, 1).float()
+
+
+@torch.no_grad()
+def prompt_agreement(loaded: LoadedModel, batch: dict, images: torch.Tensor) -> torch.Tensor:
+    """(b,) how well each image fits its text prompt, by the model itself: the text decoder's
+    log P(prompt | image), summed over the prompt's tokens (the model captions what was drawn)."""
+    model = loaded.model
+    present = torch.ones(len(images), dtype=torch.bool, device=images.device)
+    fused = model.fuse(model.encode_unimodal({"image": {"pixels": images, "present": present}},
+                                             modalities=("image",)), ("image",))
+    ids, mask = batch["text"]["ids"], batch["text"]["mask"]
+    logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
+    token = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (b, t - 1)
+    return (token * mask[:, 1:]).sum(1)
+
+
+def _repeat_rows(value, times: int):
+    """Each row of a (nested) batch dict repeated ``times`` times in a row (prompt-major)."""
+    if isinstance(value, dict):
+        return {k: _repeat_rows(v, times) for k, v in value.items()}
+    if torch.is_tensor(value):
+        return value.repeat_interleave(times, dim=0)
+    return [item for item in value for _ in range(times)]
+
+
+@torch.no_grad()
+def generate_images(loaded: LoadedModel, batch: dict, *, decoding: str = DEFAULT_DECODING, steps: int = 12,
+                    guidance: float = 3.0, temperature: float = 1.0, candidates: int = DEFAULT_CANDIDATES,
+                    seed: int = 0) -> torch.Tensor:
+    """Images (b, 3, H, W) in [0, 1] for a prompt batch (text and/or audio); with ``candidates``
+    > 1 each is the best of that many samples by :func:`prompt_agreement`."""
+    if decoding not in DECODINGS:
+        raise UserError(f"--decoding {decoding!r} is not parallel or autoregressive")
+    if candidates < 1:
+        raise UserError(f"--candidates must be at least 1, got {candidates}")
+    if candidates > 1 and "text" not in batch:
+        raise UserError("choosing among candidates reads them against a text prompt; give one or --candidates 1")
+    generator = torch.Generator(device=loaded.device).manual_seed(seed)
+    options = {"decoding": decoding, "steps": steps, "guidance": guidance, "temperature": temperature,
+               "generator": generator}
+    if candidates == 1:
+        return _sample_images(loaded, batch, **options).cpu()
+    repeated = _repeat_rows(batch, candidates)
+    images = _sample_images(loaded, repeated, **options)  # (b * candidates, 3, H, W), prompt-major
+    scores = prompt_agreement(loaded, repeated, images).reshape(-1, candidates)
+    best = scores.argmax(1) + candidates * torch.arange(scores.shape[0], device=scores.device)
+    return images[best].cpu()
 
 
 def to_uint8(image: torch.Tensor):
@@ -106,13 +155,14 @@ def r_precision(loaded: LoadedModel, images: torch.Tensor, split: EncodedSplit, 
     for image, row in zip(image_embeddings, prompt_rows.tolist()):
         others = torch.randperm(n - 1, generator=generator)[: min(distractors, n - 1)]
         others = others + (others >= row).long()  # skip the prompt itself
-        candidates = torch.cat([torch.tensor([row]), others])
-        hits += int((text_embeddings[candidates] @ image).argmax() == 0)
+        pool = torch.cat([torch.tensor([row]), others])
+        hits += int((text_embeddings[pool] @ image).argmax() == 0)
     return hits / len(prompt_rows)
 
 
 def evaluate_text_to_image(loaded: LoadedModel, split: EncodedSplit, *, count: int = 64, batch_size: int = 32,
                            decoding: str = DEFAULT_DECODING, steps: int = 12, guidance: float = 3.0,
+                           temperature: float = 1.0, candidates: int = DEFAULT_CANDIDATES,
                            seed: int = 0) -> tuple[dict[str, float], torch.Tensor, list[str]]:
     """Generate from the first ``count`` captions of ``split`` and score the pictures.
 
@@ -122,7 +172,8 @@ def evaluate_text_to_image(loaded: LoadedModel, split: EncodedSplit, *, count: i
     prompts = [split.captions[i] for i in rows.tolist()]
     images = torch.cat([
         generate_images(loaded, prompt_batch(loaded, prompts[start:start + batch_size]), decoding=decoding,
-                        steps=steps, guidance=guidance, seed=seed + start)
+                        steps=steps, guidance=guidance, temperature=temperature, candidates=candidates,
+                        seed=seed + start)
         for start in range(0, len(prompts), batch_size)
     ])
     metrics: dict[str, float] = {"n": len(prompts)}

@@ -6,8 +6,9 @@ image only, audio only, or both (one condition per step, drawn uniformly among
 and predicts its VQ codes with the image decoder from text only, audio only or
 both (``tasks.id_conditions``); per sample the condition is replaced by the null context with probability
 ``condition_dropout`` (for classifier-free guidance). Each ID step trains either
-the autoregressive order or the parallel masked (MaskGIT) objective, half the
-steps each, so one network serves both decoding modes.
+the autoregressive order or the parallel masked (MaskGIT) objective
+(``tasks.id_parallel_fraction`` of the steps, half by default), so one network
+serves both decoding modes.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class ImageDecoding:
         dropped = (uniform(size, random.mask) < self.config.condition_dropout).to(context.device)
         codes = model.image_codes(batch["image"]["pixels"])
         present = batch["image"]["present"]
-        autoregressive = bool(uniform(1, random.choice) < 0.5)
+        autoregressive = bool(uniform(1, random.choice) < 1.0 - self.config.id_parallel_fraction)
         if autoregressive:
             inputs = torch.cat([torch.full_like(codes[:, :1], decoder.bos_id), codes[:, :-1]], dim=1)
             predict = present[:, None].expand_as(codes)
