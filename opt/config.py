@@ -46,6 +46,7 @@ class DataConfig:
     batch_size: int = 32  # samples per batch on one process
     workers: int = 2  # data loader worker processes
     shuffle_buffer: int = 1000  # samples held for shuffling (0 disables shuffling)
+    cache_decoded: bool = False  # training: keep every decoded sample in memory (each worker), for corpora that fit
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
 
 
@@ -129,6 +130,7 @@ class ImageDecoderConfig:
     layers: int = 2  # transformer blocks over image codes
     width: int = 128  # hidden size
     heads: int = 4  # attention heads
+    grid_positions: bool = False  # code positions start as 2-D sine-cosine over the code grid (learnable), not random
 
 
 @dataclass

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from opt.config import VisionConfig, load_config
 from opt.data.pipeline import BatchLoader
@@ -289,6 +290,21 @@ def test_audio_positions_start_smaller_than_the_front_ends_frames(model_and_batc
     frame_norm = frames[mask].norm(dim=-1).mean()
     position_norm = audio.positions.weight.norm(dim=-1).mean()
     assert position_norm < 2 * frame_norm
+
+
+@pytest.mark.parametrize("grid", [True, False])
+def test_image_decoder_grid_positions_start_as_a_smooth_2d_map_at_the_code_embeddings_scale(tokenizer, grid):
+    model, _ = small_model(tokenizer, f"model.image_decoder.grid_positions={str(grid).lower()}")
+    decoder = model.image_decoder
+    positions = F.normalize(decoder.positions.weight.detach(), dim=-1).reshape(8, 8, -1)  # (row, column, d)
+    assert float(decoder.positions.weight.std()) == pytest.approx(float(decoder.embed.weight.std()), rel=0.1)
+    right = (positions[:, :-1] * positions[:, 1:]).sum(-1)  # cosine of each cell with its right neighbour
+    below = (positions[:-1] * positions[1:]).sum(-1)
+    far = (positions[:, :2] * positions[:, -2:]).sum(-1)  # cells six columns apart
+    if grid:  # neighbours alike in both directions, far cells not
+        assert right.min() > 0.7 and below.min() > 0.7 and far.max() < 0.45
+    else:  # random: no cell is like its neighbours
+        assert right.abs().max() < 0.5 and below.abs().max() < 0.5
 
 
 def test_distance_bias_is_alibi_and_keeps_padded_keys_out():

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from PIL import Image
 
 from opt.config import load_config
@@ -156,6 +157,34 @@ def test_counts_are_summed_across_worker_processes(bad_shard, tokenizer, tmp_pat
     assert two.workers == 2
     assert len(keys) == 2 * one.stats.samples
     assert two.stats.skipped == one.stats.skipped + one.stats.skipped
+
+
+def test_decoded_sample_cache_gives_the_same_stream_and_counts_decoding_each_sample_once(bad_shard, tokenizer,
+                                                                                       monkeypatch):
+    from opt.data.samples import SampleDecoder
+
+    calls = Counter()
+    decode = SampleDecoder.__call__
+
+    def counting(self, raw):
+        calls[raw["__key__"]] += 1
+        return decode(self, raw)
+
+    monkeypatch.setattr(SampleDecoder, "__call__", counting)
+    runs = {}
+    for cached in (False, True):
+        calls.clear()
+        loader = BatchLoader(str(bad_shard), bad_config(**{"data.cache_decoded": cached}), tokenizer, train=True)
+        batches = [batch for _, batch in zip(range(12), loader)]  # several passes over the shard
+        runs[cached] = (batches, loader.stats, dict(calls))
+    (plain, plain_stats, plain_calls), (cached, cached_stats, cached_calls) = runs[False], runs[True]
+    assert [b["keys"] for b in plain] == [b["keys"] for b in cached]
+    for a, b in zip(plain, cached):
+        assert torch.equal(a["image"]["pixels"], b["image"]["pixels"])
+        assert torch.equal(a["audio"]["features"], b["audio"]["features"])
+    skips_per_pass = sum(kind == "skip" for _, (kind, _) in bad_cases({"png": b"", "wav": b""}).values())
+    assert plain_stats.skipped == cached_stats.skipped and sum(plain_stats.skipped.values()) > skips_per_pass
+    assert max(plain_calls.values()) > 1 and set(cached_calls.values()) == {1}
 
 
 def test_required_modality_missing_is_a_skip(bad_shard, tokenizer):

@@ -78,17 +78,28 @@ def _tar_error_handler(strict: bool):
     return handle
 
 
-def _decode(samples: Iterator[dict], decoder: SampleDecoder, strict: bool) -> Iterator[DecodedSample]:
+def _decode(samples: Iterator[dict], decoder: SampleDecoder, strict: bool,
+            cache: dict | None = None) -> Iterator[DecodedSample]:
+    """Decoded samples; bad ones are skipped and counted (or raise in strict mode). With a
+    ``cache`` dict, each sample is decoded once and later epochs read it from memory
+    (decoding is deterministic, so the stream is the same either way)."""
     for raw in samples:
-        try:
-            decoded = decoder(raw)
-        except SkipSample as skip:
+        where = (raw.get("__url__"), raw.get("__key__"))
+        outcome = cache.get(where) if cache is not None else None
+        if outcome is None:
+            try:
+                outcome = decoder(raw)
+            except SkipSample as skip:
+                outcome = skip
+            if cache is not None:
+                cache[where] = outcome
+        if isinstance(outcome, SkipSample):
             if strict:
-                raise DataError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}: {skip.reason}") from None
-            _worker_stats.skipped[skip.reason] += 1
+                raise DataError(f"{where[0] or '?'}: sample {where[1] or '?'}: {outcome.reason}")
+            _worker_stats.skipped[outcome.reason] += 1
             continue
-        _worker_stats.repaired.update(decoded.repairs)
-        yield decoded
+        _worker_stats.repaired.update(outcome.repairs)
+        yield outcome
 
 
 class Collator:
@@ -169,7 +180,8 @@ def build_dataset(shards: list[str], config: Config, tokenizer: TextTokenizer | 
     stages.append(wds.tarfile_to_samples(handler=_tar_error_handler(strict)))
     if train and data.shuffle_buffer > 0:
         stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer // 2, seed=config.train.seed))
-    stages.append(wds.pipelinefilter(_decode)(decoder, strict))
+    cache = {} if train and data.cache_decoded else None  # one per process: each worker fills its own
+    stages.append(wds.pipelinefilter(_decode)(decoder, strict, cache))
     stages.append(wds.pipelinefilter(_batches)(batch_size or data.batch_size, not train, collate))
     return wds.DataPipeline(*stages)
 

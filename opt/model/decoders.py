@@ -14,12 +14,14 @@ decoding loops in :mod:`opt.model.generation`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from opt.config import ImageDecoderConfig, TextDecoderConfig
-from opt.model.layers import LayerCache, Transformer, attention_mask
+from opt.model.layers import LayerCache, Transformer, attention_mask, sincos_2d
 
 
 class TextDecoder(nn.Module):
@@ -63,6 +65,18 @@ class ImageTokenDecoder(nn.Module):
         self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
                                        mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width)
         self.head = nn.Linear(config.width, codebook_size)
+        self.grid_positions = config.grid_positions
+
+    def reset_positions(self, std: float = 0.02) -> None:
+        """With ``grid_positions``, start the code positions as 2-D sine-cosine over the square code
+        grid, at the ``std`` of the code embeddings: the code above is then a fixed offset away
+        for every position, which random positions must first learn."""
+        if not self.grid_positions:
+            return
+        grid = sincos_2d(math.isqrt(self.positions.num_embeddings), self.positions.embedding_dim)
+        grid = grid - grid.mean(0)  # on a small grid the low frequencies are nearly constant: drop that part
+        with torch.no_grad():
+            self.positions.weight.copy_(grid * std / grid.std())
 
     def new_cache(self, *, self_attention: bool = True) -> list[LayerCache]:
         """Per-layer caches; ``self_attention=False`` keeps only the context's keys and values."""

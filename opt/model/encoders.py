@@ -29,7 +29,7 @@ from transformers import BertConfig, BertModel
 
 from opt.config import AudioEncoderConfig, TextEncoderConfig, VisionConfig
 from opt.errors import UserError
-from opt.model.layers import Transformer, attention_mask, distance_bias, with_bias
+from opt.model.layers import Transformer, attention_mask, distance_bias, sincos_2d, with_bias
 
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -38,20 +38,6 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def sincos_2d(side: int, width: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embeddings (side * side, width), row-major like the patches."""
-    quarter = width // 4
-    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                          indexing="ij")
-    parts = []
-    for coordinate in (x.reshape(-1), y.reshape(-1)):
-        angles = coordinate[:, None] * frequencies[None, :]
-        parts += [angles.sin(), angles.cos()]
-    embedding = torch.cat(parts, dim=1)
-    return torch.nn.functional.pad(embedding, (0, width - embedding.shape[1]))
 
 
 class CoordinateChannels(nn.Module):

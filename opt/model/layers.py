@@ -82,6 +82,20 @@ def with_bias(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> tor
     return bias.to(dtype).masked_fill(~mask, float("-inf"))
 
 
+def sincos_2d(side: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (side * side, width), row-major like the patches."""
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                          indexing="ij")
+    parts = []
+    for coordinate in (x.reshape(-1), y.reshape(-1)):
+        angles = coordinate[:, None] * frequencies[None, :]
+        parts += [angles.sin(), angles.cos()]
+    embedding = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(embedding, (0, width - embedding.shape[1]))
+
+
 class Attention(nn.Module):
     """Multi-head attention: self-attention when ``context`` is None, else cross-attention."""
 

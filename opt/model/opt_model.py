@@ -134,6 +134,7 @@ class OPTModel(nn.Module):
         })
         for name in ("cross", "text_decoder", "image_decoder", "towers", "heads"):
             getattr(self, name).apply(init_weights)
+        self.image_decoder.reset_positions()
         # the audio positions start small like BERT's (an N(0, 1) start is ~35x the front end's
         # frames and drowns them: audio-text alignment learned several times slower)
         for part in (self.encoders["audio"].transformer, self.encoders["audio"].positions):
