@@ -197,7 +197,7 @@ def test_best_of_candidates_keeps_each_prompts_highest_scoring_sample(encoded):
 def test_eval_writes_metrics_report_and_pictures(model_dir, world, tmp_path):
     out = tmp_path / "report"
     assert main(["eval", "--model", str(model_dir), "--data", str(world), "--out", str(out), "--limit", "12",
-                 "--generate-count", "4", "--steps", "2", "--rerank-k", "3", "--no-meteor"]) == 0
+                 "--generate-count", "4", "--steps", "2", "--rerank-k", "3", "--candidates", "2", "--no-meteor"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for split in ("test", "test_novel"):
         assert set(metrics[split]) == {"retrieval", "captioning", "text_to_image"}
@@ -210,7 +210,7 @@ def test_eval_writes_metrics_report_and_pictures(model_dir, world, tmp_path):
         assert (out / f"{split}_captions.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "## Retrieval" in report and "![generated](test_generated.png)" in report
-    assert "| a2t |" in report
+    assert "| a2t |" in report and "best of 2 samples" in report
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -10,7 +10,7 @@ from pathlib import Path
 from opt.cli.common import DATA_HELP, non_negative_int, positive_int
 from opt.errors import UserError
 
-DEFAULT_CANDIDATES = 8  # text-to-image best-of-N (a literal here so the CLI starts without importing torch)
+DEFAULT_CANDIDATES = 32  # text-to-image best-of-N (a literal here so the CLI starts without importing torch)
 MODEL_HELP = "model directory written by opt export (config.json, model.safetensors, vq/, tokenizer.model)"
 
 

@@ -166,7 +166,11 @@ def render_report(results: dict, figures: dict[str, str], model_name: str) -> st
     lines += ["Per attribute (fraction of objects stated correctly):", ""]
     lines += _table(results, "captioning", list(INPUTS),
                     ["attribute_color", "attribute_size", "attribute_shape", "attribute_position_or_relation"]) + [""]
-    lines += ["## Text to image", "", "Attribute accuracy: the analyser finds every object with the prompt's "
+    settings = next((results[s]["text_to_image"]["text"] for s in SPLITS if s in results), {})
+    drawn = (f"Decoding: {settings['decoding']}, guidance {settings['guidance']}, each picture the best of "
+             f"{settings['candidates']} samples by the model's own captioner (log P(prompt | picture)). "
+             if "candidates" in settings else "")
+    lines += ["## Text to image", "", drawn + "Attribute accuracy: the analyser finds every object with the prompt's "
               "colour, size and position or relation (shape reported apart).", ""]
     lines += _table(results, "text_to_image", ["text"],
                     ["attribute_accuracy", "attribute_color", "attribute_position_or_relation", "attribute_size",

@@ -34,7 +34,7 @@ DECODINGS = ("parallel", "autoregressive")
 # on the demo model autoregressive decoding drew colour, size and position better than
 # 12 parallel steps (and is faster on a CPU)
 DEFAULT_DECODING = "autoregressive"
-DEFAULT_CANDIDATES = 8  # best of 8 by the model's own captioner (README: text-to-image)
+DEFAULT_CANDIDATES = 32  # best of 32 by the model's own captioner (README: text-to-image)
 
 
 def prompt_batch(loaded: LoadedModel, prompts: list[str], audio: list[bytes] | None = None) -> dict:
@@ -176,7 +176,8 @@ def evaluate_text_to_image(loaded: LoadedModel, split: EncodedSplit, *, count: i
                         seed=seed + start)
         for start in range(0, len(prompts), batch_size)
     ])
-    metrics: dict[str, float] = {"n": len(prompts)}
+    metrics: dict[str, float | str] = {"n": len(prompts), "decoding": decoding, "guidance": guidance,
+                                       "candidates": candidates}
     facts = [split.meta[i] for i in rows.tolist()]
     if all("objects" in f for f in facts):
         scores = aggregate(score_image(to_uint8(image), f) for image, f in zip(images, facts))
