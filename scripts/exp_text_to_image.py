@@ -17,8 +17,9 @@ from opt.downstream.text_to_image import evaluate_text_to_image
 
 COLUMNS = ("attribute_accuracy", "attribute_color", "attribute_position_or_relation", "attribute_size",
            "attribute_shape", "r_precision")
-SETTINGS = (("parallel", 12, 1.0, 1), ("parallel", 12, 3.0, 1), ("parallel", 12, 3.0, 8),
-            ("autoregressive", 0, 1.0, 1), ("autoregressive", 0, 3.0, 1), ("autoregressive", 0, 3.0, 8))
+SETTINGS = (("parallel", 12, 1.0, 1), ("parallel", 12, 3.0, 1), ("parallel", 12, 3.0, 32),
+            ("autoregressive", 0, 1.0, 1), ("autoregressive", 0, 3.0, 1), ("autoregressive", 0, 3.0, 8),
+            ("autoregressive", 0, 3.0, 32))
 
 
 def main() -> None:

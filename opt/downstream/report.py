@@ -40,7 +40,7 @@ class EvalSettings:
     decoding: str = DEFAULT_DECODING  # text-to-image: autoregressive | parallel
     steps: int = 12
     guidance: float = 3.0
-    candidates: int = DEFAULT_CANDIDATES  # text-to-image: samples per prompt, the best by the model's own captioner kept
+    candidates: int = DEFAULT_CANDIDATES  # text-to-image: samples per prompt; the captioner keeps the best
     seed: int = 0
     with_meteor: bool = True
 
