@@ -176,18 +176,24 @@ def test_prompt_agreement_is_the_captioners_log_likelihood_of_the_prompt(encoded
     assert (agreement < 0).all() and torch.allclose(agreement, expected, atol=1e-3)
 
 
-def test_best_of_candidates_keeps_each_prompts_highest_scoring_sample(encoded):
+@pytest.mark.parametrize("rows_at_once", [256, 8])  # 8: two prompts of 4 candidates, then the third
+def test_best_of_candidates_keeps_each_prompts_highest_scoring_sample(encoded, monkeypatch, rows_at_once):
     from opt.downstream import text_to_image
 
     loaded, split = encoded
     loaded = copy.deepcopy(loaded)
     with torch.no_grad():  # the fixture's VQ is untrained (a zero codebook draws every code alike)
         loaded.model.vq.quantizer._codebook.embed.normal_(generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(text_to_image, "CANDIDATE_ROWS", rows_at_once)
     batch = text_to_image.prompt_batch(loaded, split.captions[:3])
     options = {"decoding": "autoregressive", "steps": 2, "guidance": 1.0, "temperature": 1.0}
-    repeated = text_to_image._repeat_rows(batch, 4)
-    samples = text_to_image._sample_images(loaded, repeated, generator=torch.Generator().manual_seed(5), **options)
-    scores = text_to_image.prompt_agreement(loaded, repeated, samples).reshape(3, 4)
+    generator = torch.Generator().manual_seed(5)
+    samples, scores = [], []
+    for prompts in ([0, 1, 2],) if rows_at_once == 256 else ([0, 1], [2]):
+        repeated = text_to_image._rows(batch, [p for p in prompts for _ in range(4)])
+        samples.append(text_to_image._sample_images(loaded, repeated, generator=generator, **options))
+        scores.append(text_to_image.prompt_agreement(loaded, repeated, samples[-1]).reshape(-1, 4))
+    samples, scores = torch.cat(samples), torch.cat(scores)
     chosen = text_to_image.generate_images(loaded, batch, candidates=4, seed=5, **options)
     assert chosen.shape == (3, *samples.shape[1:]) and not torch.equal(samples[0], samples[1])
     for prompt in range(3):

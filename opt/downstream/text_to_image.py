@@ -3,11 +3,11 @@ the fused prompt, the VQ tokenizer turns them into pixels.
 
 Decoding is MaskGIT-style parallel (``steps`` steps) or autoregressive, with
 classifier-free guidance ``guidance`` (1 = off). With ``candidates`` > 1 each
-image is the best of that many samples by the model's own reading of them
-(as DALL-E re-ranked its samples with CLIP): the text decoder's log P(prompt |
+image is the best of that many samples by the model's own reading of them (as
+DALL-E re-ranked its samples with CLIP): the text decoder's log P(prompt |
 candidate image), i.e. how likely the model's captioner finds the prompt as a
-caption of what was drawn. Evaluation on the synthetic world prompts with the test captions
-and scores each picture by the fixed analyser of
+caption of what was drawn. Evaluation on the synthetic world prompts with the
+test captions and scores each picture by the fixed analyser of
 :mod:`opt.downstream.image_analysis` against the caption's facts (not by the
 model under test), plus R-precision: how often the model's own towers rank the
 prompt first among itself and 99 other prompts.
@@ -35,6 +35,7 @@ DECODINGS = ("parallel", "autoregressive")
 # 12 parallel steps (and is faster on a CPU)
 DEFAULT_DECODING = "autoregressive"
 DEFAULT_CANDIDATES = 32  # best of 32 by the model's own captioner (README: text-to-image)
+CANDIDATE_ROWS = 256  # prompts x candidates drawn at once, which bounds the memory of best-of-N
 
 
 def prompt_batch(loaded: LoadedModel, prompts: list[str], audio: list[bytes] | None = None) -> dict:
@@ -86,13 +87,13 @@ def prompt_agreement(loaded: LoadedModel, batch: dict, images: torch.Tensor) -> 
     return (token * mask[:, 1:]).sum(1)
 
 
-def _repeat_rows(value, times: int):
-    """Each row of a (nested) batch dict repeated ``times`` times in a row (prompt-major)."""
+def _rows(value, index: list[int]):
+    """Rows ``index`` of a (nested) batch dict of tensors and lists."""
     if isinstance(value, dict):
-        return {k: _repeat_rows(v, times) for k, v in value.items()}
+        return {k: _rows(v, index) for k, v in value.items()}
     if torch.is_tensor(value):
-        return value.repeat_interleave(times, dim=0)
-    return [item for item in value for _ in range(times)]
+        return value[torch.tensor(index, device=value.device)]
+    return [value[i] for i in index]
 
 
 @torch.no_grad()
@@ -100,7 +101,8 @@ def generate_images(loaded: LoadedModel, batch: dict, *, decoding: str = DEFAULT
                     guidance: float = 3.0, temperature: float = 1.0, candidates: int = DEFAULT_CANDIDATES,
                     seed: int = 0) -> torch.Tensor:
     """Images (b, 3, H, W) in [0, 1] for a prompt batch (text and/or audio); with ``candidates``
-    > 1 each is the best of that many samples by :func:`prompt_agreement`."""
+    > 1 each is the best of that many samples by :func:`prompt_agreement`, drawn for at most
+    ``CANDIDATE_ROWS`` rows at a time."""
     if decoding not in DECODINGS:
         raise UserError(f"--decoding {decoding!r} is not parallel or autoregressive")
     if candidates < 1:
@@ -112,11 +114,17 @@ def generate_images(loaded: LoadedModel, batch: dict, *, decoding: str = DEFAULT
                "generator": generator}
     if candidates == 1:
         return _sample_images(loaded, batch, **options).cpu()
-    repeated = _repeat_rows(batch, candidates)
-    images = _sample_images(loaded, repeated, **options)  # (b * candidates, 3, H, W), prompt-major
-    scores = prompt_agreement(loaded, repeated, images).reshape(-1, candidates)
-    best = scores.argmax(1) + candidates * torch.arange(scores.shape[0], device=scores.device)
-    return images[best].cpu()
+    prompts = batch["text"]["ids"].shape[0]
+    per_chunk = max(1, CANDIDATE_ROWS // candidates)
+    chosen = []
+    for start in range(0, prompts, per_chunk):
+        index = [row for row in range(start, min(start + per_chunk, prompts)) for _ in range(candidates)]
+        repeated = _rows(batch, index)  # each prompt ``candidates`` times in a row
+        images = _sample_images(loaded, repeated, **options)
+        scores = prompt_agreement(loaded, repeated, images).reshape(-1, candidates)
+        best = scores.argmax(1) + candidates * torch.arange(scores.shape[0], device=scores.device)
+        chosen.append(images[best].cpu())
+    return torch.cat(chosen)
 
 
 def to_uint8(image: torch.Tensor):
