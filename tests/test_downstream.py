@@ -12,7 +12,7 @@ import torch
 
 from opt.cli import main
 from opt.config import load_config
-from opt.downstream.common import EncodedSplit, encode_split, load_model
+from opt.downstream.common import EncodedSplit, batch_rows, encode_split, load_model
 from opt.downstream.retrieval import DIRECTIONS, rank_metrics, retrieve
 from opt.engine.export import export_run
 from opt.engine.trainer import Trainer
@@ -190,7 +190,7 @@ def test_best_of_candidates_keeps_each_prompts_highest_scoring_sample(encoded, m
     generator = torch.Generator().manual_seed(5)
     samples, scores = [], []
     for prompts in ([0, 1, 2],) if rows_at_once == 256 else ([0, 1], [2]):
-        repeated = text_to_image._rows(batch, [p for p in prompts for _ in range(4)])
+        repeated = batch_rows(batch, [p for p in prompts for _ in range(4)])
         samples.append(text_to_image._sample_images(loaded, repeated, generator=generator, **options))
         scores.append(text_to_image.prompt_agreement(loaded, repeated, samples[-1]).reshape(-1, 4))
     samples, scores = torch.cat(samples), torch.cat(scores)

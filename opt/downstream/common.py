@@ -48,6 +48,14 @@ def data_config(loaded: LoadedModel, *, batch_size: int = 64, workers: int = 0) 
     return Config(data=data, audio=spec.audio)
 
 
+def caption_log_likelihood(model: OPTModel, fused: dict, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(b,) log P(caption | fused context) from the text decoder: ``ids`` (b, t) from the bos,
+    each token after it scored given the ones before, summed where ``real`` (b, t) is True."""
+    logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
+    token = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (b, t - 1)
+    return (token * real[:, 1:]).sum(1)
+
+
 def to_device(value, device: torch.device):
     """Tensors of a (nested) batch dict moved to ``device``; everything else as it is."""
     if isinstance(value, dict):
@@ -63,7 +71,7 @@ def iterate_batches(loaded: LoadedModel, data: str, *, batch_size: int = 64, lim
     for batch in BatchLoader(data, config, loaded.tokenizer, train=False):
         if limit is not None and seen + len(batch["keys"]) > limit:
             keep = limit - seen
-            batch = _take(batch, keep)
+            batch = batch_rows(batch, list(range(keep)))
         seen += len(batch["keys"])
         if batch["keys"]:
             yield to_device(batch, loaded.device)
@@ -71,14 +79,13 @@ def iterate_batches(loaded: LoadedModel, data: str, *, batch_size: int = 64, lim
             return
 
 
-def _take(batch: dict, count: int) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, dict):
-            out[key] = _take(value, count)
-        else:
-            out[key] = value[:count]
-    return out
+def batch_rows(value, index: list[int]):
+    """Rows ``index`` of a (nested) batch dict of tensors and lists."""
+    if isinstance(value, dict):
+        return {k: batch_rows(v, index) for k, v in value.items()}
+    if torch.is_tensor(value):
+        return value[torch.tensor(index, dtype=torch.long, device=value.device)]
+    return [value[i] for i in index]
 
 
 @dataclass

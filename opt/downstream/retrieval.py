@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from opt.downstream.common import EncodedSplit, LoadedModel
+from opt.downstream.common import EncodedSplit, LoadedModel, caption_log_likelihood
 
 DIRECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "t2i": (("text",), "image"),
@@ -86,10 +86,7 @@ def caption_log_likelihoods(loaded: LoadedModel, split: EncodedSplit, query: tup
         unimodal = {m: {k: v.to(loaded.device) for k, v in split.select(m, index).items()} for m in query}
         fused = model.fuse(unimodal, query)
         ids = split.text_ids[captions[start:start + batch_size]].to(loaded.device)
-        logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
-        targets = ids[:, 1:]
-        token = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-        scores.append((token * (targets != loaded.tokenizer.pad_id)).sum(1).cpu())
+        scores.append(caption_log_likelihood(model, fused, ids, ids != loaded.tokenizer.pad_id).cpu())
     return torch.cat(scores)
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from opt.data.audio import AudioFrontEnd, pad_frames
-from opt.downstream.common import EncodedSplit, LoadedModel, to_device
+from opt.downstream.common import EncodedSplit, LoadedModel, batch_rows, caption_log_likelihood, to_device
 from opt.downstream.image_analysis import score_image
 from opt.downstream.world_attributes import aggregate
 from opt.errors import UserError
@@ -81,19 +81,7 @@ def prompt_agreement(loaded: LoadedModel, batch: dict, images: torch.Tensor) -> 
     present = torch.ones(len(images), dtype=torch.bool, device=images.device)
     fused = model.fuse(model.encode_unimodal({"image": {"pixels": images, "present": present}},
                                              modalities=("image",)), ("image",))
-    ids, mask = batch["text"]["ids"], batch["text"]["mask"]
-    logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
-    token = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (b, t - 1)
-    return (token * mask[:, 1:]).sum(1)
-
-
-def _rows(value, index: list[int]):
-    """Rows ``index`` of a (nested) batch dict of tensors and lists."""
-    if isinstance(value, dict):
-        return {k: _rows(v, index) for k, v in value.items()}
-    if torch.is_tensor(value):
-        return value[torch.tensor(index, device=value.device)]
-    return [value[i] for i in index]
+    return caption_log_likelihood(model, fused, batch["text"]["ids"], batch["text"]["mask"])
 
 
 @torch.no_grad()
@@ -119,7 +107,7 @@ def generate_images(loaded: LoadedModel, batch: dict, *, decoding: str = DEFAULT
     chosen = []
     for start in range(0, prompts, per_chunk):
         index = [row for row in range(start, min(start + per_chunk, prompts)) for _ in range(candidates)]
-        repeated = _rows(batch, index)  # each prompt ``candidates`` times in a row
+        repeated = batch_rows(batch, index)  # each prompt ``candidates`` times in a row
         images = _sample_images(loaded, repeated, **options)
         scores = prompt_agreement(loaded, repeated, images).reshape(-1, candidates)
         best = scores.argmax(1) + candidates * torch.arange(scores.shape[0], device=scores.device)
