@@ -85,6 +85,9 @@ class VisionConfig:
     # Liu et al. 2018), so the stem's nonlinearities tie position to content
     coord_channels: bool = False
     stem_depth: int = 1  # conv stem: 3x3 convolutions per resolution (1: the strided ones alone)
+    # add a linear map of the pooled image vector to every patch token, so that a reader whose
+    # attention is still near uniform over the patches gets a small object's features undiluted
+    pooled_context: bool = False
     pretrained_path: str | None = None  # optional local timm weights (.safetensors or .pth state dict)
 
 

@@ -3,13 +3,16 @@
     python scripts/bench_train.py [--quick] [--out bench_train.json]
 
 1. A full training step (all three encoders, the cross-modal encoder, both decoders,
-   forward + backward + AdamW) for the tiny and base configs in fp32: samples/s and
+   forward + backward + the trainer's AdamW, ``build_optimizer``: fused, decay groups)
+   for the tiny and base configs in fp32: samples/s and
    achieved FLOP/s as a fraction of the fp32 matmul peak measured in the same run
    (target >= 40% for base). ``--bf16`` adds base under bf16 autocast against the
    measured bf16 matmul peak (on the 2-core CPU machine a 2048^2 bf16 matmul took
    about a minute in this torch build, so it is off by default).
 2. Our cross-modal encoder vs a transformers ``BertModel`` encoder of the same size
    (12 layers, 768 wide, 12 heads, sequence 180): forward + backward step time.
+3. The AdamW step alone on the tiny model's parameters: the fused implementation (the
+   trainer's) against torch's per-tensor loop and its multi-tensor ``foreach`` path.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from transformers import BertConfig, BertModel
 
 from opt.benchmarking import matmul_peak, timed
 from opt.config import load_config
+from opt.engine.trainer import build_optimizer, parameter_groups
 from opt.model.cross import CrossModalEncoder
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.model.summary import dummy_batch, full_step_loss
@@ -33,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def bench_step(name: str, batch_size: int, repeats: int, peak: float, dtype: torch.dtype | None = None) -> dict:
     torch.manual_seed(0)
-    model = OPTModel(ModelSpec.from_config(load_config(ROOT / f"configs/{name}.yaml"))).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    config = load_config(ROOT / f"configs/{name}.yaml")
+    model = OPTModel(ModelSpec.from_config(config)).train()
+    optimizer, _ = build_optimizer(model, config)
     batch = dummy_batch(model, batch_size)
 
     def step():
@@ -74,6 +79,21 @@ def bench_cross_vs_bert(batch: int, repeats: int) -> dict:
     return {"cross_base_step_s": ours_s, "bert_base_step_s": bert_s, "cross_vs_bert_speedup": bert_s / ours_s}
 
 
+def bench_optimizer_step(repeats: int) -> dict[str, float]:
+    """Milliseconds of one AdamW step over the tiny model's parameters, three implementations."""
+    config = load_config(ROOT / "configs/tiny.yaml")
+    torch.manual_seed(0)
+    model = OPTModel(ModelSpec.from_config(config)).train()
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter) if parameter.requires_grad else None
+    figures = {}
+    for label, options in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("loop", {"foreach": False})):
+        optimizer = torch.optim.AdamW(parameter_groups(model, config.train.weight_decay), lr=1e-4, **options)
+        figures[f"tiny_adamw_{label}_ms"] = 1e3 * timed(optimizer.step, max(repeats, 5))
+    figures["tiny_adamw_fused_vs_loop_speedup"] = figures["tiny_adamw_loop_ms"] / figures["tiny_adamw_fused_ms"]
+    return figures
+
+
 def bench_bf16(enabled: bool, repeats: int) -> dict[str, float]:
     if not enabled:
         return {}
@@ -99,6 +119,7 @@ def main() -> None:
     for measured in (lambda: bench_cross_vs_bert(8, repeats),
                      lambda: bench_step("tiny", 32, repeats, fp32_peak),
                      lambda: bench_step("base", 2, repeats, fp32_peak),
+                     lambda: bench_optimizer_step(repeats),
                      lambda: bench_bf16(args.bf16, repeats),
                      lambda: {"fp32_matmul_gflops_per_s_after": matmul_peak(torch.float32) / 1e9}):
         figures = measured()

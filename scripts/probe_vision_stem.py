@@ -1,13 +1,17 @@
 """Vision stem probe: how many steps the tiny vision encoder needs to see shape and
 position, with the ViT's linear patch embedding and with the convolutional stem.
 
-Each stem's encoder (the tiny config's, from scratch) plus one attention-pooling
-query (the mechanism the text decoder reads images with) is trained directly on
-the one-object images of the synthetic world to name the object's shape (6) and
-position (5); accuracy is on the one-object images of ``--val``. Both stems run
-in this one process with the same seed, batches and steps.
+Each stem's encoder (the tiny config's, from scratch) plus a readout is trained
+directly on the one-object images of the synthetic world to name the object's
+shape (6) and position (5); accuracy is on the one-object images of ``--val``.
+The readout is one attention-pooling query over the tokens (``query``: the
+mechanism the text decoder reads images with) or the encoder's pooled vector
+(``pooled``: what the two-tower heads read). ``--pooled-context`` turns on
+``model.vision.pooled_context``. The stems run in this one process with the same
+seed, batches and steps.
 
-    python scripts/probe_vision_stem.py [--config configs/tiny.yaml] [--steps 1000]
+    python scripts/probe_vision_stem.py [--config configs/tiny.yaml] [--steps 1000] \
+        [--stems patch,conv] [--readout query|pooled] [--pooled-context true|false]
 """
 
 from __future__ import annotations
@@ -39,19 +43,24 @@ def one_object_images(pattern: str, config) -> tuple[torch.Tensor, torch.Tensor,
 
 
 class Probe(nn.Module):
-    def __init__(self, config, stem: str) -> None:
+    def __init__(self, config, stem: str, readout: str = "query") -> None:
         super().__init__()
         vision = dataclasses.replace(config.model.vision, stem=stem,  # coordinate channels are conv-only
                                      coord_channels=config.model.vision.coord_channels and stem == "conv")
         self.encoder = VisionEncoder(vision, image_size=config.data.image_size, out_width=vision.width)
+        self.readout = readout
         self.query = nn.Parameter(torch.randn(1, 1, vision.width) * 0.02)
         self.read = nn.MultiheadAttention(vision.width, vision.heads, batch_first=True)
         self.head = nn.Linear(vision.width, len(SHAPES) + len(POSITIONS))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.encoder(pixels)["tokens"]
-        pooled, _ = self.read(self.query.expand(len(pixels), -1, -1), tokens, tokens)
-        logits = self.head(pooled[:, 0])
+        encoded = self.encoder(pixels)
+        if self.readout == "pooled":
+            logits = self.head(encoded["pooled"])
+        else:
+            tokens = encoded["tokens"]
+            pooled, _ = self.read(self.query.expand(len(pixels), -1, -1), tokens, tokens)
+            logits = self.head(pooled[:, 0])
         return logits[:, :len(SHAPES)], logits[:, len(SHAPES):]
 
 
@@ -65,16 +74,27 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250, help="evaluate every this many steps")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stems", default=",".join(VISION_STEMS), help="comma-separated: patch, conv")
+    parser.add_argument("--readout", choices=("query", "pooled"), default="query")
+    parser.add_argument("--pooled-context", choices=("true", "false"),
+                        help="override the config's model.vision.pooled_context")
     args = parser.parse_args()
-    config = load_config(args.config, ["data.modalities=[image]", "data.workers=0", "data.batch_size=64"])
+    overrides = ["data.modalities=[image]", "data.workers=0", "data.batch_size=64"]
+    if args.pooled_context:
+        overrides.append(f"model.vision.pooled_context={args.pooled_context}")
+    config = load_config(args.config, overrides)
+    stems = args.stems.split(",")
+    if unknown := [s for s in stems if s not in VISION_STEMS]:
+        parser.error(f"--stems: {unknown[0]!r} is not one of {', '.join(VISION_STEMS)}")
     train = one_object_images(args.data or config.data.train, config)
     val = one_object_images(args.val or config.data.val, config)
     print(f"{len(train[0])} one-object training images, {len(val[0])} for validation; "
-          f"batch {args.batch_size}, lr {args.lr}")
+          f"batch {args.batch_size}, lr {args.lr}, readout {args.readout}, "
+          f"pooled_context {config.model.vision.pooled_context}")
     rows = []
-    for stem in VISION_STEMS:
+    for stem in stems:
         torch.manual_seed(args.seed)
-        probe = Probe(config, stem)
+        probe = Probe(config, stem, args.readout)
         optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.05)
         order = torch.Generator().manual_seed(args.seed)
         start = time.perf_counter()

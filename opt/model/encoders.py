@@ -120,12 +120,18 @@ class VisionEncoder(nn.Module):
             with torch.no_grad():
                 self.vit.pos_embed.copy_(sincos_2d(image_size // config.patch_size, config.width)[None])
         self.pool = config.pool
+        # Attention that starts near uniform over 64 patches reads a small object at 1/64 of its
+        # strength, and learns to look at it slowly; the pooled vector (max: the object's own
+        # features) added to every token reaches such a reader whole from the first step.
+        self.context = nn.Linear(config.width, config.width) if config.pooled_context else None
 
     def forward(self, pixels: torch.Tensor, *, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``hidden`` (b, n) True marks patches replaced by the mask embedding."""
         x = self.vit((pixels - 0.5) / 0.5, hidden, self.mask_embedding)  # (b, n, w)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return {"tokens": self.project(x), "mask": mask, "pooled": pool(x, mask, self.pool)}
+        pooled = pool(x, mask, self.pool)
+        tokens = x if self.context is None else x + self.context(pooled)[:, None]
+        return {"tokens": self.project(tokens), "mask": mask, "pooled": pooled}
 
 
 class TextEncoder(nn.Module):
