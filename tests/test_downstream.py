@@ -200,6 +200,24 @@ def test_best_of_candidates_keeps_each_prompts_highest_scoring_sample(encoded, m
         assert torch.equal(chosen[prompt], samples[4 * prompt + int(scores[prompt].argmax())])
 
 
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_cli_decoding_defaults_are_the_librarys(command):
+    """The CLI keeps its defaults as literals (it starts without importing torch): they must
+    stay those of generate_images and EvalSettings."""
+    import inspect
+
+    from opt.cli import build_parser
+    from opt.downstream.report import EvalSettings
+    from opt.downstream.text_to_image import generate_images
+
+    source = ["--prompt", "p"] if command == "generate" else ["--data", "d"]
+    args = build_parser().parse_args([command, "--model", "m", "--out", "o", *source])
+    library = {name: p.default for name, p in inspect.signature(generate_images).parameters.items()}
+    settings = EvalSettings()
+    for name in ("decoding", "steps", "guidance", "candidates"):
+        assert getattr(args, name) == library[name] == getattr(settings, name), name
+
+
 def test_eval_writes_metrics_report_and_pictures(model_dir, world, tmp_path):
     out = tmp_path / "report"
     assert main(["eval", "--model", str(model_dir), "--data", str(world), "--out", str(out), "--limit", "12",
