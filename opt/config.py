@@ -146,6 +146,9 @@ class TowerConfig:
 class ModelConfig:
     dropout: float = 0.0  # dropout in every transformer block (paper: 0.1)
     mlp_ratio: int = 4  # MLP hidden size / width
+    # layer-normalised queries and keys in every attention layer but BERT's (ViT-22B); see
+    # opt.model.layers.Attention
+    qk_norm: bool = False
     vq: VQConfig = field(default_factory=VQConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)

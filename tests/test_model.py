@@ -19,7 +19,7 @@ from opt.model.generation import (
     generate_image_codes_parallel,
     generate_text,
 )
-from opt.model.layers import attention_mask, distance_bias, with_bias
+from opt.model.layers import Attention, attention_mask, distance_bias, with_bias
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.model.summary import dummy_batch, parameter_counts, training_step_flops
 
@@ -177,8 +177,7 @@ def test_absent_modality_in_one_sample_does_not_touch_the_others(model_and_batch
     assert not torch.allclose(result[0], reference[0])
 
 
-def test_kv_cache_logits_match_full_recompute(model_and_batch):
-    model, batch = model_and_batch
+def assert_cached_steps_match_a_full_pass(model, batch):
     with torch.no_grad():
         fused = model.fuse(model.encode_unimodal(batch))
         ids = batch["text"]["ids"][:, :12]
@@ -187,6 +186,32 @@ def test_kv_cache_logits_match_full_recompute(model_and_batch):
         stepped = torch.cat([model.text_decoder(ids[:, i:i + 1], fused["states"], fused["mask"], cache=cache)
                              for i in range(ids.shape[1])], dim=1)
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-4)
+
+
+def test_kv_cache_logits_match_full_recompute(model_and_batch):
+    assert_cached_steps_match_a_full_pass(*model_and_batch)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_norm_makes_attention_independent_of_the_query_and_key_weights_scale(qk_norm):
+    torch.manual_seed(0)
+    attention = Attention(width=32, heads=4, context_width=24, qk_norm=qk_norm)
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        before = attention(x, context=context)
+        attention.query.weight.mul_(10)
+        attention.query.bias.mul_(10)
+        attention.key_value.weight[:32].mul_(10)  # the keys' half; values unchanged
+        attention.key_value.bias[:32].mul_(10)
+        after = attention(x, context=context)
+    assert torch.allclose(after, before, atol=1e-4) == qk_norm
+
+
+def test_kv_cache_matches_full_recompute_with_qk_norm(world, tokenizer):
+    """Keys are normalised before they are cached, so cached steps still equal a full pass."""
+    model, config = small_model(tokenizer, "model.qk_norm=true")
+    assert_cached_steps_match_a_full_pass(model, next(iter(BatchLoader(f"{world}/val-*.tar", config, tokenizer,
+                                                                      train=False))))
 
 
 def test_cached_and_uncached_greedy_decoding_agree(model_and_batch, tokenizer):

@@ -21,7 +21,7 @@ TYPE_IDS = {"cls": 0, "text": 1, "image": 2, "audio": 3}
 
 class CrossModalEncoder(nn.Module):
     def __init__(self, config: CrossModalConfig, *, image_tokens: int, mlp_ratio: int = 4,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, qk_norm: bool = False) -> None:
         super().__init__()
         self.width = config.width
         self.cls = nn.Parameter(torch.zeros(1, 1, config.width))
@@ -32,7 +32,7 @@ class CrossModalEncoder(nn.Module):
             "audio": nn.Embedding(config.max_audio_positions, config.width),
         })
         self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
-                                       mlp_ratio=mlp_ratio, dropout=dropout)
+                                       mlp_ratio=mlp_ratio, dropout=dropout, qk_norm=qk_norm)
 
     def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> dict:
         """``inputs[modality] = {"tokens": (b, n, d), "mask": (b, n)}`` for the modalities present.

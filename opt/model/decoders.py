@@ -26,13 +26,14 @@ from opt.model.layers import LayerCache, Transformer, attention_mask, sincos_2d
 
 class TextDecoder(nn.Module):
     def __init__(self, config: TextDecoderConfig, *, vocab_size: int, context_width: int, mlp_ratio: int = 4,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, qk_norm: bool = False) -> None:
         super().__init__()
         self.max_length = config.max_length
         self.embed = nn.Embedding(vocab_size, config.width)
         self.positions = nn.Embedding(config.max_length, config.width)
         self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
-                                       mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width)
+                                       mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width,
+                                       qk_norm=qk_norm)
         self.head = nn.Linear(config.width, vocab_size, bias=False)
         self.head.weight = self.embed.weight
 
@@ -53,7 +54,7 @@ class TextDecoder(nn.Module):
 
 class ImageTokenDecoder(nn.Module):
     def __init__(self, config: ImageDecoderConfig, *, codebook_size: int, codes: int, context_width: int,
-                 mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+                 mlp_ratio: int = 4, dropout: float = 0.0, qk_norm: bool = False) -> None:
         super().__init__()
         self.codebook_size = codebook_size
         self.codes = codes
@@ -63,7 +64,8 @@ class ImageTokenDecoder(nn.Module):
         self.positions = nn.Embedding(codes, config.width)
         self.null_context = nn.Parameter(torch.zeros(1, 1, context_width))
         self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
-                                       mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width)
+                                       mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width,
+                                       qk_norm=qk_norm)
         self.head = nn.Linear(config.width, codebook_size)
         self.grid_positions = config.grid_positions
 

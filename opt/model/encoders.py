@@ -101,12 +101,12 @@ class VisionEncoder(nn.Module):
     """Images (b, 3, H, W) in [0, 1] -> patch tokens (b, (H/p) * (W/p), d)."""
 
     def __init__(self, config: VisionConfig, *, image_size: int, out_width: int, mlp_ratio: int = 4,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, qk_norm: bool = False) -> None:
         super().__init__()
         self.vit = MaskableVisionTransformer(
             img_size=image_size, patch_size=config.patch_size, embed_dim=config.width, depth=config.layers,
             num_heads=config.heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool="", class_token=False,
-            drop_rate=dropout, proj_drop_rate=dropout, attn_drop_rate=dropout,
+            drop_rate=dropout, proj_drop_rate=dropout, attn_drop_rate=dropout, qk_norm=qk_norm,
         )
         if config.stem == "conv":  # timm's PatchEmbed keeps its flattening; only the projection changes
             self.vit.patch_embed.proj = conv_stem(config.patch_size, config.width,
@@ -232,7 +232,7 @@ class AudioEncoder(nn.Module):
     layer-normalised outputs before the transformer (the targets of masked audio modelling)."""
 
     def __init__(self, config: AudioEncoderConfig, *, n_mels: int, max_positions: int, out_width: int,
-                 mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+                 mlp_ratio: int = 4, dropout: float = 0.0, qk_norm: bool = False) -> None:
         super().__init__()
         if config.front == "logmel_conv":
             self.front = LogMelConvFront(n_mels=n_mels, width=config.width, subsample=config.subsample)
@@ -242,7 +242,7 @@ class AudioEncoder(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(config.width))
         self.front_norm = nn.LayerNorm(config.width)  # as wav2vec 2.0's feature projection: frames at unit scale
         self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
-                                       mlp_ratio=mlp_ratio, dropout=dropout)
+                                       mlp_ratio=mlp_ratio, dropout=dropout, qk_norm=qk_norm)
         self.project = nn.Linear(config.width, out_width)
         self.max_positions = max_positions
         self.pool = config.pool

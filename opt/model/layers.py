@@ -97,27 +97,37 @@ def sincos_2d(side: int, width: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention: self-attention when ``context`` is None, else cross-attention."""
+    """Multi-head attention: self-attention when ``context`` is None, else cross-attention.
 
-    def __init__(self, *, width: int, heads: int, dropout: float = 0.0, context_width: int | None = None) -> None:
+    ``qk_norm`` layer-normalises each head's queries and keys (Dehghani et al. 2023,
+    ViT-22B), so the attention logits lie within about +-sqrt(head width) whatever the
+    weights' scale. Without it, small-initialised query and key weights give near-uniform
+    attention that sharpens only as the weights grow, which an optimizer's bounded
+    per-step updates make slow; with it, the logits follow the directions, which turn fast.
+    """
+
+    def __init__(self, *, width: int, heads: int, dropout: float = 0.0, context_width: int | None = None,
+                 qk_norm: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
         self.query = nn.Linear(width, width)
         self.key_value = nn.Linear(context_width or width, 2 * width)
         self.out = nn.Linear(width, width)
+        self.query_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
+        self.key_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return rearrange(x, "b s (h k) -> b h s k", h=self.heads)
 
     def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        q = self._split(self.query(x))  # (b, h, t, k)
+        q = self.query_norm(self._split(self.query(x)))  # (b, h, t, k)
         if context is not None and cache is not None and cache.keys is not None:
             k, v = cache.keys, cache.values  # cross-attention: the context does not change
         else:
             k, v = self.key_value(x if context is None else context).chunk(2, dim=-1)
-            k, v = self._split(k), self._split(v)
+            k, v = self.key_norm(self._split(k)), self._split(v)
             if cache is not None:
                 k, v = cache.append(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -144,13 +154,14 @@ class Block(nn.Module):
     ``context_width`` features when that is given, MLP."""
 
     def __init__(self, *, width: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
-                 context_width: int | None = None) -> None:
+                 context_width: int | None = None, qk_norm: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
-        self.attention = Attention(width=width, heads=heads, dropout=dropout)
+        self.attention = Attention(width=width, heads=heads, dropout=dropout, qk_norm=qk_norm)
         cross = context_width is not None
         self.cross_norm = nn.LayerNorm(width) if cross else None
-        self.cross = Attention(width=width, heads=heads, dropout=dropout, context_width=context_width) if cross else None
+        self.cross = Attention(width=width, heads=heads, dropout=dropout, context_width=context_width,
+                               qk_norm=qk_norm) if cross else None
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width=width, ratio=mlp_ratio, dropout=dropout)
         self.drop = nn.Dropout(dropout)
@@ -168,10 +179,11 @@ class Transformer(nn.Module):
     """A stack of :class:`Block` with a final LayerNorm."""
 
     def __init__(self, *, layers: int, width: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
-                 context_width: int | None = None) -> None:
+                 context_width: int | None = None, qk_norm: bool = False) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width)
+            Block(width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width,
+                  qk_norm=qk_norm)
             for _ in range(layers)
         )
         self.norm = nn.LayerNorm(width)
