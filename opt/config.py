@@ -85,9 +85,6 @@ class VisionConfig:
     # Liu et al. 2018), so the stem's nonlinearities tie position to content
     coord_channels: bool = False
     stem_depth: int = 1  # conv stem: 3x3 convolutions per resolution (1: the strided ones alone)
-    # conv stem: a stride-1 3x3 convolution on the full-resolution pixels before the strided ones,
-    # so the first downsampling sees edges and corners rather than raw pixels
-    stem_full_resolution: bool = False
     # add a linear map of the pooled image vector to every patch token, so that a reader whose
     # attention is still near uniform over the patches gets a small object's features undiluted
     pooled_context: bool = False
@@ -301,8 +298,6 @@ def _validate(config: Config) -> None:
         raise ConfigError("config key 'model.vision.coord_channels': coordinate channels need model.vision.stem=conv")
     if config.model.vision.stem_depth > 1 and config.model.vision.stem != "conv":
         raise ConfigError("config key 'model.vision.stem_depth': a deeper stem needs model.vision.stem=conv")
-    if config.model.vision.stem_full_resolution and config.model.vision.stem != "conv":
-        raise ConfigError("config key 'model.vision.stem_full_resolution': needs model.vision.stem=conv")
     if config.model.vision.patch_size != 8:
         raise ConfigError(f"config key 'model.vision.patch_size': must be 8, the VQ grid cell (masked vision "
                           f"modelling predicts each patch's code), got {config.model.vision.patch_size}")

@@ -46,8 +46,6 @@ def test_dotted_overrides_win_over_the_file():
     (["model.vision.stem=patch", "model.vision.coord_channels=true"], "config key 'model.vision.coord_channels'"),
     (["model.vision.stem=conv", "model.vision.stem_depth=0"], "config key 'model.vision.stem_depth'"),
     (["model.vision.stem=patch", "model.vision.stem_depth=2"], "config key 'model.vision.stem_depth'"),
-    (["model.vision.stem=patch", "model.vision.stem_full_resolution=true"],
-     "config key 'model.vision.stem_full_resolution'"),
     (["model.cross.heads=5"], "not divisible by 5 heads"),
     (["tasks.weights={mlm: 1, xyz: 1}"], "config key 'tasks.weights.xyz'"),
     (["tasks.phases=[{steps: 10, weights: {tdd: 1}}]"], "config key 'tasks.phases.0.weights.tdd'"),

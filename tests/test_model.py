@@ -98,14 +98,6 @@ def test_both_vision_stems_make_the_vq_grid_of_tokens(stem):
         assert torch.equal(before[:, :4], after[:, :4]) and torch.equal(before[:, :, :4], after[:, :, :4])
 
 
-def test_full_resolution_stem_convolves_the_input_pixels_and_keeps_the_grid():
-    stem = conv_stem(8, 32, coord_channels=True, full_resolution=True)
-    convolutions = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [c.stride for c in convolutions] == [(1, 1), (2, 2), (2, 2), (2, 2)]
-    assert convolutions[0].in_channels == 5 and convolutions[1].in_channels == convolutions[0].out_channels
-    assert stem(torch.rand(2, 3, 64, 64)).shape == (2, 32, 8, 8)
-
-
 @pytest.mark.parametrize("coord_channels", [False, True])
 def test_only_coordinate_channels_let_a_mean_over_the_stem_tell_where_an_object_is(coord_channels):
     """A convolution is blind to where its input is: an object moved by a multiple of the

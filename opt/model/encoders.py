@@ -58,14 +58,11 @@ class CoordinateChannels(nn.Module):
         return self.stem(torch.cat([pixels, torch.stack([x, y]).expand(b, -1, -1, -1)], dim=1))
 
 
-def conv_stem(patch_size: int, width: int, *, coord_channels: bool = False, depth: int = 1,
-              full_resolution: bool = False) -> nn.Module:
+def conv_stem(patch_size: int, width: int, *, coord_channels: bool = False, depth: int = 1) -> nn.Module:
     """Strided 3x3 convolutions (log2(patch_size) of them, channels doubling up to ``width``)
     mapping (b, 3, H, W) to (b, width, H/p, W/p): the same token grid as a patch embedding,
     with the locality prior of a CNN (Xiao et al. 2021, "Early convolutions help transformers see better").
     ``depth`` > 1 adds ``depth - 1`` stride-1 3x3 convolutions after each strided one but the last;
-    ``full_resolution`` puts a stride-1 3x3 convolution (as many channels as the first strided
-    one) on the input pixels before the strided ones;
     ``coord_channels`` feeds the pixels' coordinates in beside them (:class:`CoordinateChannels`)."""
     stages = patch_size.bit_length() - 1
     channels = [5 if coord_channels else 3] + [max(width >> (stages - i), 8) for i in range(1, stages)] + [width]
@@ -74,9 +71,6 @@ def conv_stem(patch_size: int, width: int, *, coord_channels: bool = False, dept
         return [nn.GroupNorm(math.gcd(8, c), c), nn.GELU()]
 
     layers: list[nn.Module] = []
-    if full_resolution:
-        layers += [nn.Conv2d(channels[0], channels[1], 3, padding=1), *norm_and_activation(channels[1])]
-        channels[0] = channels[1]
     for i in range(stages):
         layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
         if i < stages - 1:
@@ -116,8 +110,7 @@ class VisionEncoder(nn.Module):
         )
         if config.stem == "conv":  # timm's PatchEmbed keeps its flattening; only the projection changes
             self.vit.patch_embed.proj = conv_stem(config.patch_size, config.width,
-                                                  coord_channels=config.coord_channels, depth=config.stem_depth,
-                                                  full_resolution=config.stem_full_resolution)
+                                                  coord_channels=config.coord_channels, depth=config.stem_depth)
         if config.pretrained_path:
             self.vit.load_state_dict(_load_state_dict(config.pretrained_path), strict=False)
         self.mask_embedding = nn.Parameter(torch.zeros(config.width))
