@@ -146,9 +146,9 @@ class TowerConfig:
 class ModelConfig:
     dropout: float = 0.0  # dropout in every transformer block (paper: 0.1)
     mlp_ratio: int = 4  # MLP hidden size / width
-    # layer-normalised queries and keys in every attention layer but BERT's (ViT-22B); see
-    # opt.model.layers.Attention
-    qk_norm: bool = False
+    # layer-normalised queries and keys (ViT-22B; opt.model.layers.Attention): none | cross (the
+    # decoders' cross-attention, which reads the fused states) | all (every attention layer but BERT's)
+    qk_norm: str = "none"
     vq: VQConfig = field(default_factory=VQConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -167,6 +167,7 @@ class VQTrainConfig:
     foreground_weight: float = 0.0  # > 0 weights pixels far from the image median more (see vq.reconstruction_loss)
 
 
+QK_NORM_SCOPES = ("none", "cross", "all")
 TASK_NAMES = ("mlm", "mvm", "mam", "td", "id", "itm", "contrastive")
 
 
@@ -292,6 +293,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config key 'model.vision.stem': {config.model.vision.stem!r} is not {', '.join(VISION_STEMS)}")
     if config.model.vision.stem == "conv" and config.model.vision.pretrained_path:
         raise ConfigError("config key 'model.vision.stem': pretrained ViT weights need the patch stem, not conv")
+    if config.model.qk_norm not in QK_NORM_SCOPES:
+        raise ConfigError(f"config key 'model.qk_norm': {config.model.qk_norm!r} is not {', '.join(QK_NORM_SCOPES)}")
     if config.model.vision.stem_depth < 1:
         raise ConfigError(f"config key 'model.vision.stem_depth': must be at least 1, got {config.model.vision.stem_depth}")
     if config.model.vision.coord_channels and config.model.vision.stem != "conv":

@@ -47,6 +47,7 @@ def test_dotted_overrides_win_over_the_file():
     (["model.vision.stem=conv", "model.vision.stem_depth=0"], "config key 'model.vision.stem_depth'"),
     (["model.vision.stem=patch", "model.vision.stem_depth=2"], "config key 'model.vision.stem_depth'"),
     (["model.cross.heads=5"], "not divisible by 5 heads"),
+    (["model.qk_norm=decoder"], "config key 'model.qk_norm': 'decoder'"),
     (["tasks.weights={mlm: 1, xyz: 1}"], "config key 'tasks.weights.xyz'"),
     (["tasks.phases=[{steps: 10, weights: {tdd: 1}}]"], "config key 'tasks.phases.0.weights.tdd'"),
     (["tasks.phases=[{steps: 0, weights: {td: 1}}]"], "config key 'tasks.phases.0.steps'"),

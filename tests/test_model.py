@@ -209,7 +209,7 @@ def test_qk_norm_makes_attention_independent_of_the_query_and_key_weights_scale(
 
 def test_kv_cache_matches_full_recompute_with_qk_norm(world, tokenizer):
     """Keys are normalised before they are cached, so cached steps still equal a full pass."""
-    model, config = small_model(tokenizer, "model.qk_norm=true")
+    model, config = small_model(tokenizer, "model.qk_norm=all")
     assert_cached_steps_match_a_full_pass(model, next(iter(BatchLoader(f"{world}/val-*.tar", config, tokenizer,
                                                                       train=False))))
 

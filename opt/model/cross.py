@@ -32,7 +32,8 @@ class CrossModalEncoder(nn.Module):
             "audio": nn.Embedding(config.max_audio_positions, config.width),
         })
         self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
-                                       mlp_ratio=mlp_ratio, dropout=dropout, qk_norm=qk_norm)
+                                       mlp_ratio=mlp_ratio, dropout=dropout,
+                                       qk_norm="all" if qk_norm else "none")
 
     def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> dict:
         """``inputs[modality] = {"tokens": (b, n, d), "mask": (b, n)}`` for the modalities present.

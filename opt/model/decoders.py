@@ -26,7 +26,7 @@ from opt.model.layers import LayerCache, Transformer, attention_mask, sincos_2d
 
 class TextDecoder(nn.Module):
     def __init__(self, config: TextDecoderConfig, *, vocab_size: int, context_width: int, mlp_ratio: int = 4,
-                 dropout: float = 0.0, qk_norm: bool = False) -> None:
+                 dropout: float = 0.0, qk_norm: str = "none") -> None:
         super().__init__()
         self.max_length = config.max_length
         self.embed = nn.Embedding(vocab_size, config.width)
@@ -54,7 +54,7 @@ class TextDecoder(nn.Module):
 
 class ImageTokenDecoder(nn.Module):
     def __init__(self, config: ImageDecoderConfig, *, codebook_size: int, codes: int, context_width: int,
-                 mlp_ratio: int = 4, dropout: float = 0.0, qk_norm: bool = False) -> None:
+                 mlp_ratio: int = 4, dropout: float = 0.0, qk_norm: str = "none") -> None:
         super().__init__()
         self.codebook_size = codebook_size
         self.codes = codes

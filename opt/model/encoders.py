@@ -242,7 +242,8 @@ class AudioEncoder(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(config.width))
         self.front_norm = nn.LayerNorm(config.width)  # as wav2vec 2.0's feature projection: frames at unit scale
         self.transformer = Transformer(layers=config.layers, width=config.width, heads=config.heads,
-                                       mlp_ratio=mlp_ratio, dropout=dropout, qk_norm=qk_norm)
+                                       mlp_ratio=mlp_ratio, dropout=dropout,
+                                       qk_norm="all" if qk_norm else "none")
         self.project = nn.Linear(config.width, out_width)
         self.max_positions = max_positions
         self.pool = config.pool

@@ -114,20 +114,22 @@ class Attention(nn.Module):
         self.query = nn.Linear(width, width)
         self.key_value = nn.Linear(context_width or width, 2 * width)
         self.out = nn.Linear(width, width)
-        self.query_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
-        self.key_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
+        self.query_norm = nn.LayerNorm(width // heads) if qk_norm else None
+        self.key_norm = nn.LayerNorm(width // heads) if qk_norm else None
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(x, "b s (h k) -> b h s k", h=self.heads)
+    def _split(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """(b, s, h * k) -> (b, h, s, k), normalised per head before the transpose (a contiguous layout)."""
+        x = x.unflatten(-1, (self.heads, -1))
+        return (x if norm is None else norm(x)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        q = self.query_norm(self._split(self.query(x)))  # (b, h, t, k)
+        q = self._split(self.query(x), self.query_norm)  # (b, h, t, k)
         if context is not None and cache is not None and cache.keys is not None:
             k, v = cache.keys, cache.values  # cross-attention: the context does not change
         else:
             k, v = self.key_value(x if context is None else context).chunk(2, dim=-1)
-            k, v = self.key_norm(self._split(k)), self._split(v)
+            k, v = self._split(k, self.key_norm), self._split(v)
             if cache is not None:
                 k, v = cache.append(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -151,17 +153,18 @@ class LayerCache:
 
 class Block(nn.Module):
     """Pre-LN transformer block: self-attention, cross-attention to a context of
-    ``context_width`` features when that is given, MLP."""
+    ``context_width`` features when that is given, MLP. ``qk_norm`` (see :class:`Attention`):
+    "none", "cross" (the cross-attention only) or "all"."""
 
     def __init__(self, *, width: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
-                 context_width: int | None = None, qk_norm: bool = False) -> None:
+                 context_width: int | None = None, qk_norm: str = "none") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
-        self.attention = Attention(width=width, heads=heads, dropout=dropout, qk_norm=qk_norm)
+        self.attention = Attention(width=width, heads=heads, dropout=dropout, qk_norm=qk_norm == "all")
         cross = context_width is not None
         self.cross_norm = nn.LayerNorm(width) if cross else None
         self.cross = Attention(width=width, heads=heads, dropout=dropout, context_width=context_width,
-                               qk_norm=qk_norm) if cross else None
+                               qk_norm=qk_norm in ("cross", "all")) if cross else None
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width=width, ratio=mlp_ratio, dropout=dropout)
         self.drop = nn.Dropout(dropout)
@@ -179,7 +182,7 @@ class Transformer(nn.Module):
     """A stack of :class:`Block` with a final LayerNorm."""
 
     def __init__(self, *, layers: int, width: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
-                 context_width: int | None = None, qk_norm: bool = False) -> None:
+                 context_width: int | None = None, qk_norm: str = "none") -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             Block(width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, context_width=context_width,

@@ -104,19 +104,20 @@ class OPTModel(nn.Module):
         super().__init__()
         self.spec = spec
         config = spec.model
-        width, ratio, dropout, qk_norm = config.cross.width, config.mlp_ratio, config.dropout, config.qk_norm
+        width, ratio, dropout = config.cross.width, config.mlp_ratio, config.dropout
+        qk_norm, encoders_qk_norm = config.qk_norm, config.qk_norm == "all"
         self.encoders = nn.ModuleDict({
             "text": TextEncoder(config.text, vocab_size=spec.vocab_size, pad_id=spec.pad_id,
                                 max_positions=max(spec.max_text_tokens, config.cross.max_text_positions),
                                 out_width=width, mlp_ratio=ratio, dropout=dropout),
             "image": VisionEncoder(config.vision, image_size=spec.image_size, out_width=width, mlp_ratio=ratio,
-                                   dropout=dropout, qk_norm=qk_norm),
+                                   dropout=dropout, qk_norm=encoders_qk_norm),
             "audio": AudioEncoder(config.audio, n_mels=spec.audio.n_mels, max_positions=config.cross.max_audio_positions,
-                                  out_width=width, mlp_ratio=ratio, dropout=dropout, qk_norm=qk_norm),
+                                  out_width=width, mlp_ratio=ratio, dropout=dropout, qk_norm=encoders_qk_norm),
         })
         patches = self.encoders["image"].patches
         self.cross = CrossModalEncoder(config.cross, image_tokens=patches, mlp_ratio=ratio, dropout=dropout,
-                                       qk_norm=qk_norm)
+                                       qk_norm=encoders_qk_norm)
         self.text_decoder = TextDecoder(config.text_decoder, vocab_size=spec.vocab_size, context_width=width,
                                         mlp_ratio=ratio, dropout=dropout, qk_norm=qk_norm)
         self.image_decoder = ImageTokenDecoder(config.image_decoder, codebook_size=config.vq.codebook_size,
