@@ -147,7 +147,8 @@ class ModelConfig:
     dropout: float = 0.0  # dropout in every transformer block (paper: 0.1)
     mlp_ratio: int = 4  # MLP hidden size / width
     # layer-normalised queries and keys (ViT-22B; opt.model.layers.Attention): none | cross (the
-    # decoders' cross-attention, which reads the fused states) | all (every attention layer but BERT's)
+    # decoders' cross-attention, which reads the fused states) | fusion (that and the cross-modal
+    # encoder) | all (every attention layer but BERT's)
     qk_norm: str = "none"
     vq: VQConfig = field(default_factory=VQConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -167,7 +168,7 @@ class VQTrainConfig:
     foreground_weight: float = 0.0  # > 0 weights pixels far from the image median more (see vq.reconstruction_loss)
 
 
-QK_NORM_SCOPES = ("none", "cross", "all")
+QK_NORM_SCOPES = ("none", "cross", "fusion", "all")
 TASK_NAMES = ("mlm", "mvm", "mam", "td", "id", "itm", "contrastive")
 
 

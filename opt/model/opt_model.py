@@ -105,7 +105,9 @@ class OPTModel(nn.Module):
         self.spec = spec
         config = spec.model
         width, ratio, dropout = config.cross.width, config.mlp_ratio, config.dropout
-        qk_norm, encoders_qk_norm = config.qk_norm, config.qk_norm == "all"
+        encoders_qk_norm = config.qk_norm == "all"  # the single-modal encoders (timm's ViT, audio)
+        fusion_qk_norm = config.qk_norm in ("fusion", "all")  # the cross-modal encoder
+        decoders_qk_norm = "all" if config.qk_norm == "all" else "none" if config.qk_norm == "none" else "cross"
         self.encoders = nn.ModuleDict({
             "text": TextEncoder(config.text, vocab_size=spec.vocab_size, pad_id=spec.pad_id,
                                 max_positions=max(spec.max_text_tokens, config.cross.max_text_positions),
@@ -117,12 +119,12 @@ class OPTModel(nn.Module):
         })
         patches = self.encoders["image"].patches
         self.cross = CrossModalEncoder(config.cross, image_tokens=patches, mlp_ratio=ratio, dropout=dropout,
-                                       qk_norm=encoders_qk_norm)
+                                       qk_norm=fusion_qk_norm)
         self.text_decoder = TextDecoder(config.text_decoder, vocab_size=spec.vocab_size, context_width=width,
-                                        mlp_ratio=ratio, dropout=dropout, qk_norm=qk_norm)
+                                        mlp_ratio=ratio, dropout=dropout, qk_norm=decoders_qk_norm)
         self.image_decoder = ImageTokenDecoder(config.image_decoder, codebook_size=config.vq.codebook_size,
                                                codes=spec.image_codes, context_width=width, mlp_ratio=ratio,
-                                               dropout=dropout, qk_norm=qk_norm)
+                                               dropout=dropout, qk_norm=decoders_qk_norm)
         encoder_widths = {"text": config.text.width, "image": config.vision.width, "audio": config.audio.width}
         self.towers = nn.ModuleDict({m: nn.Linear(encoder_widths[m], config.towers.dim) for m in MODALITIES})
         self.temperature = LearnedScale(1.0 / config.towers.temperature)
