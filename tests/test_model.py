@@ -207,6 +207,19 @@ def test_qk_norm_makes_attention_independent_of_the_query_and_key_weights_scale(
     assert torch.allclose(after, before, atol=1e-4) == qk_norm
 
 
+@pytest.mark.parametrize("scope, parts", [
+    ("none", set()), ("cross", {"text_decoder", "image_decoder"}),
+    ("fusion", {"cross", "text_decoder", "image_decoder"}), ("all", {"encoders", "cross", "text_decoder", "image_decoder"})])
+def test_qk_norm_scope_picks_the_attention_layers(tokenizer, scope, parts):
+    model, _ = small_model(tokenizer, f"model.qk_norm={scope}")
+    normalised = [name for name, module in model.named_modules()
+                  if name.endswith(("query_norm", "q_norm")) and isinstance(module, torch.nn.LayerNorm)]
+    assert {name.split(".")[0] for name in normalised} == parts
+    decoders = [name for name in normalised if name.endswith("decoder") or "decoder." in name]
+    # below "all" the decoders' self-attention stays plain: only their cross-attention reads the fused states
+    assert all(".cross." in name for name in decoders) == (scope != "all")
+
+
 def test_kv_cache_matches_full_recompute_with_qk_norm(world, tokenizer):
     """Keys are normalised before they are cached, so cached steps still equal a full pass."""
     model, config = small_model(tokenizer, "model.qk_norm=all")
