@@ -24,6 +24,7 @@ import torch
 from opt.downstream.captioning import caption_batch
 from opt.downstream.common import iterate_batches, load_model
 from opt.downstream.world_attributes import aggregate, parse_caption, score_caption
+from opt.errors import UserError
 
 POSITIONS = ("left", "right", "top", "bottom", "center")
 # transform name -> (image axis to flip or None, how positions and relations map)
@@ -103,4 +104,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    try:
+        main()
+    except UserError as error:
+        raise SystemExit(f"probe_caption_position: {error}") from None
