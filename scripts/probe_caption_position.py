@@ -6,7 +6,7 @@ position or relation against the facts moved the same way.
 
 A captioner that reads the horizontal place scores the same on mirrored images as on the
 originals and names the mirrored place; one that ignores it keeps saying what it said before
-(the "kept" column: one-object images whose stated left / right did not change under the
+(the "kept" line: one-object captions whose stated left / right did not change under the
 mirror). Every shape of the world is symmetric left-right, so a mirrored image is in
 distribution; top-bottom flips turn triangles over, which only the shape score notices.
 Prints the confusion of stated against true one-object positions and a table per transform.
@@ -21,12 +21,12 @@ import json
 
 import torch
 
+from opt.data.world.facts import POSITIONS
 from opt.downstream.captioning import caption_batch
 from opt.downstream.common import iterate_batches, load_model
 from opt.downstream.world_attributes import aggregate, parse_caption, score_caption
 from opt.errors import UserError
 
-POSITIONS = ("left", "right", "top", "bottom", "center")
 # transform name -> (image axis to flip or None, how positions and relations map)
 TRANSFORMS = {
     "original": (None, {}),
@@ -59,8 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model(args.model)
     scores = {name: {1: [], 2: []} for name in TRANSFORMS}
-    confusion = {name: collections.Counter() for name in TRANSFORMS}
-    stated = {name: [] for name in TRANSFORMS}  # one-object captions' stated place, aligned across transforms
+    stated = {name: [] for name in TRANSFORMS}  # one-object (true, stated) places, aligned across transforms
     for batch in iterate_batches(loaded, args.data, limit=args.limit):
         pixels = batch["image"]["pixels"]
         for name, (axis, mapping) in TRANSFORMS.items():
@@ -73,9 +72,7 @@ def main() -> None:
                 count = len(facts["objects"])
                 scores[name][count].append(score_caption(caption, facts))
                 if count == 1:
-                    place = stated_position(caption)
-                    confusion[name][(facts["objects"][0]["position"], place)] += 1
-                    stated[name].append((facts["objects"][0]["position"], place))
+                    stated[name].append((facts["objects"][0]["position"], stated_position(caption)))
     if not stated["original"]:
         raise SystemExit(f"{args.data}: no samples with world facts (KEY.json) to probe")
     horizontal = [(o, m) for o, m in zip(stated["original"], stated["mirrored"]) if o[1] in ("left", "right")]
@@ -91,12 +88,13 @@ def main() -> None:
     print(f"one-object captions saying left or right that say the same after the mirror: {kept:.3f} "
           f"of {len(horizontal)} (a captioner that reads the place: 0)")
     for name in TRANSFORMS:
+        confusion = collections.Counter(stated[name])
         print(f"\n{name}: true place (rows) against stated place (columns), one-object images")
-        columns = POSITIONS + ("-",)
+        columns = (*POSITIONS, "-")
         print("| true | " + " | ".join(columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
         for truth in POSITIONS:
-            print(f"| {truth} | " + " | ".join(str(confusion[name][(truth, c)]) for c in columns) + " |")
-        results[name]["confusion"] = {f"{t}->{c}": n for (t, c), n in confusion[name].items()}
+            print(f"| {truth} | " + " | ".join(str(confusion[(truth, c)]) for c in columns) + " |")
+        results[name]["confusion"] = {f"{t}->{c}": n for (t, c), n in confusion.items()}
     if args.out:
         with open(args.out, "w") as out:
             json.dump(results, out, indent=2)
