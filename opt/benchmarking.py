@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -23,3 +26,33 @@ def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: i
     """Measured FLOP/s of a square matmul: the practical peak to compare models against."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     return 2 * size**3 / timed(lambda: a @ b, repeats)
+
+
+def processor_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU as Linux names it, with its family and model and the widest vector instructions
+    torch can use (two hosts both named ``AMD EPYC`` have differed 4x in matmul speed), e.g.
+    ``AMD EPYC (family 25 model 17, avx512_bf16)``; ``platform.processor()`` elsewhere."""
+    if not cpuinfo.is_file():
+        return platform.processor() or platform.machine() or "unknown"
+    fields: dict[str, str] = {}
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    isa = next((f for f in ("avx512_bf16", "avx512f", "avx2", "neon", "asimd") if f in flags), "")
+    detail = ", ".join(part for part in (
+        f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields
+        else "", isa) if part)
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    return f"{name} ({detail})" if detail else name
+
+
+def machine_summary() -> dict:
+    """What a wall time depends on: the processor, the threads torch uses, and its fp32 matmul
+    FLOP/s measured now (1024 x 1024; the same machine type has measured 4x apart on different
+    hosts, so a time means little without it)."""
+    return {"processor": processor_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__.split("+")[0],
+            "fp32_matmul_gflops_per_s": round(matmul_peak(size=1024, repeats=3) / 1e9, 1)}

@@ -235,6 +235,9 @@ def test_eval_writes_metrics_report_and_pictures(model_dir, world, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Retrieval" in report and "![generated](test_generated.png)" in report
     assert "| a2t |" in report and "best of 2 samples" in report
+    machine = metrics["machine"]
+    assert machine["cpus"] >= 1 and machine["fp32_matmul_gflops_per_s"] > 0 and machine["processor"]
+    assert f"Machine: {machine['processor']}, {machine['cpus']} CPUs" in report
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,7 +3,8 @@ of a shard directory, into ``metrics.json`` and a ``report.md`` a person opens.
 
 ``metrics.json`` is nested split -> task -> direction or input -> metric:
 ``{"test": {"retrieval": {"a2t": {"r1": ...}}, "captioning": {"image": {...}},
-"text_to_image": {"text": {...}}}, "test_novel": {...}, "seconds": {...}}``.
+"text_to_image": {"text": {...}}}, "test_novel": {...}, "seconds": {...}, "machine": {...}}``
+(``machine``: the processor and its measured fp32 matmul speed, which the times depend on).
 The report shows the tables (test beside test_novel), a grid of generated
 images under their prompts, a grid of test images with their generated
 captions, and the training curves when given.
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from opt.benchmarking import machine_summary
 from opt.data.shards import resolve_shards
 from opt.downstream.captioning import INPUTS, caption_metrics, caption_split
 from opt.downstream.common import EncodedSplit, LoadedModel, encode_split
@@ -103,7 +105,7 @@ def evaluate_model(loaded: LoadedModel, data: str | Path, out: str | Path, *, se
     """Run everything, write ``out/metrics.json``, the PNGs and ``out/report.md``; return the metrics."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"seconds": {}}
+    results: dict = {"seconds": {}, "machine": machine_summary()}
     pictures = {}
     for split in SPLITS:
         shards = split_shards(data, split)
@@ -185,4 +187,9 @@ def render_report(results: dict, figures: dict[str, str], model_name: str) -> st
     seconds = results.get("seconds", {})
     lines += ["## Time", ""] + [f"- {split}: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items())
                                 for split, parts in seconds.items()]
+    machine = results.get("machine")
+    if machine:
+        lines += ["", f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']} on "
+                  f"{machine['torch_threads']} threads; a 1024 x 1024 fp32 matmul ran at "
+                  f"{machine['fp32_matmul_gflops_per_s']} GFLOP/s as the evaluation began."]
     return "\n".join(lines) + "\n"
