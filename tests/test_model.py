@@ -207,6 +207,27 @@ def test_qk_norm_makes_attention_independent_of_the_query_and_key_weights_scale(
     assert torch.allclose(after, before, atol=1e-4) == qk_norm
 
 
+def test_qk_norm_keys_have_no_bias_and_older_models_key_biases_load_without_effect():
+    """A key bias shifts all of a query's logits alike: the softmax removes it, so it is not a
+    parameter, and a model saved with one loads and computes the same."""
+    torch.manual_seed(0)
+    attention = Attention(width=32, heads=4, context_width=24, qk_norm=True)
+    assert attention.key_norm.bias is None and attention.query_norm.bias is not None
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
+    older = attention.state_dict() | {"key_norm.bias": torch.randn(8)}
+    loaded = Attention(width=32, heads=4, context_width=24, qk_norm=True)
+    loaded.load_state_dict(older)  # strict: the old key is dropped, nothing else is missing
+    with torch.no_grad():
+        keys = attention.key_norm
+        biased = torch.nn.LayerNorm(8)
+        biased.weight.copy_(keys.weight)
+        biased.bias.copy_(older["key_norm.bias"])
+        expected = attention(x, context=context)
+        assert torch.allclose(loaded(x, context=context), expected, atol=1e-6)
+        attention.key_norm = biased
+        assert torch.allclose(attention(x, context=context), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("scope, parts", [
     ("none", set()), ("cross", {"text_decoder", "image_decoder"}),
     ("fusion", {"cross", "text_decoder", "image_decoder"}), ("all", {"encoders", "cross", "text_decoder", "image_decoder"})])

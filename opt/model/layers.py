@@ -115,7 +115,15 @@ class Attention(nn.Module):
         self.key_value = nn.Linear(context_width or width, 2 * width)
         self.out = nn.Linear(width, width)
         self.query_norm = nn.LayerNorm(width // heads) if qk_norm else None
-        self.key_norm = nn.LayerNorm(width // heads) if qk_norm else None
+        # No bias on the keys: it adds the same q . b to every logit of a query, which the
+        # softmax removes, so its gradient is only rounding noise that Adam would turn into
+        # drift (different on every process). Older models' key biases are dropped on load.
+        self.key_norm = nn.LayerNorm(width // heads, bias=False) if qk_norm else None
+        self._register_load_state_dict_pre_hook(self._drop_key_norm_bias)
+
+    @staticmethod
+    def _drop_key_norm_bias(state_dict: dict, prefix: str, *args) -> None:
+        state_dict.pop(prefix + "key_norm.bias", None)  # has no effect on the output, whatever its value
 
     def _split(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """(b, s, h * k) -> (b, h, s, k), normalised per head before the transpose (a contiguous layout)."""
@@ -210,4 +218,5 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
