@@ -119,10 +119,10 @@ class Attention(nn.Module):
         # softmax removes, so its gradient is only rounding noise that Adam would turn into
         # drift (different on every process). Older models' key biases are dropped on load.
         self.key_norm = nn.LayerNorm(width // heads, bias=False) if qk_norm else None
-        self._register_load_state_dict_pre_hook(self._drop_key_norm_bias)
+        self.register_load_state_dict_pre_hook(self._drop_key_norm_bias)
 
     @staticmethod
-    def _drop_key_norm_bias(state_dict: dict, prefix: str, *args) -> None:
+    def _drop_key_norm_bias(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
         state_dict.pop(prefix + "key_norm.bias", None)  # has no effect on the output, whatever its value
 
     def _split(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
