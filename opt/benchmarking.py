@@ -32,21 +32,22 @@ def processor_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU as Linux names it, with its family and model and the widest vector instructions
     torch can use (two hosts both named ``AMD EPYC`` have differed 4x in matmul speed), e.g.
     ``AMD EPYC (family 25 model 17, avx512_bf16)``; ``platform.processor()`` elsewhere."""
+    fallback = platform.processor() or platform.machine() or "unknown"
     if not cpuinfo.is_file():
-        return platform.processor() or platform.machine() or "unknown"
+        return fallback
     fields: dict[str, str] = {}
     for line in cpuinfo.read_text(errors="replace").splitlines():
         if not line.strip():
             break  # the first processor's block is enough
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    isa = next((f for f in ("avx512_bf16", "avx512f", "avx2", "neon", "asimd") if f in flags), "")
-    detail = ", ".join(part for part in (
-        f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields
-        else "", isa) if part)
-    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
-    return f"{name} ({detail})" if detail else name
+    details = []
+    if "cpu family" in fields and "model" in fields:
+        details.append(f"family {fields['cpu family']} model {fields['model']}")
+    flags = set((fields.get("flags") or fields.get("Features", "")).split())  # x86 or ARM
+    details += [f for f in ("avx512_bf16", "avx512f", "avx2", "neon", "asimd") if f in flags][:1]
+    name = fields.get("model name") or fallback
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def machine_summary() -> dict:

@@ -218,9 +218,8 @@ def test_qk_norm_keys_have_no_bias_and_older_models_key_biases_load_without_effe
     loaded = Attention(width=32, heads=4, context_width=24, qk_norm=True)
     loaded.load_state_dict(older)  # strict: the old key is dropped, nothing else is missing
     with torch.no_grad():
-        keys = attention.key_norm
         biased = torch.nn.LayerNorm(8)
-        biased.weight.copy_(keys.weight)
+        biased.weight.copy_(attention.key_norm.weight)
         biased.bias.copy_(older["key_norm.bias"])
         expected = attention(x, context=context)
         assert torch.allclose(loaded(x, context=context), expected, atol=1e-6)
