@@ -34,7 +34,8 @@ def bench_synth(out: Path, samples: int, workers: int) -> float:
 
 def bench_loader(world: Path, tokenizer, workers: int, batches: int) -> float:
     config = load_config(ROOT / "configs/tiny.yaml", [f"data.workers={workers}"])
-    iterator = iter(BatchLoader(f"{world}/train-*.tar", config, tokenizer, train=True))
+    iterator = iter(BatchLoader(f"{world}/train-*.tar", config.data, config.audio, tokenizer, train=True,
+                                seed=config.train.seed))
     next(iterator)  # start-up (worker processes, first shard) is not throughput
     start = time.perf_counter()
     seen = sum(len(next(iterator)["keys"]) for _ in range(batches))

@@ -31,7 +31,7 @@ def main() -> None:
     vq = load_vq(args.vq).eval()
     config = load_config(None, ["data.modalities=[image]", "data.workers=0", "data.batch_size=64"])
     rows = {"images": [], "reconstructions": []}
-    for batch in BatchLoader(args.data, config, None, train=False):
+    for batch in BatchLoader(args.data, config.data, config.audio, None, train=False):
         pixels = batch["image"]["pixels"][: args.count - len(rows["images"])]
         with torch.no_grad():
             rebuilt = vq.decode(vq.encode(pixels)).clamp(0, 1)

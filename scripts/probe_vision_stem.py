@@ -33,7 +33,7 @@ from opt.model.encoders import VisionEncoder
 def one_object_images(pattern: str, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pixels, shape index, position index) of every one-object image in the shards."""
     pixels, shapes, positions = [], [], []
-    for batch in BatchLoader(pattern, config, None, train=False):
+    for batch in BatchLoader(pattern, config.data, config.audio, None, train=False):
         for row, meta in enumerate(batch["meta"]):
             if len(meta["objects"]) == 1:
                 pixels.append(batch["image"]["pixels"][row])

@@ -64,7 +64,8 @@ def one_process(overrides) -> dict[str, torch.Tensor]:
         with pytest.MonkeyPatch.context() as patch:  # webdataset seeds each rank's shard stream from these
             patch.setenv("RANK", str(rank))
             patch.setenv("WORLD_SIZE", str(RANKS))
-            stream = iter(BatchLoader(config.data.train, config, tokenizer, train=True))
+            stream = iter(BatchLoader(config.data.train, config.data, config.audio, tokenizer, train=True,
+                                      seed=config.train.seed))
             batches.append([next(stream) for _ in range(STEPS)])
     optimizer, scheduler = build_optimizer(model, config)
     for step in range(STEPS):

@@ -12,7 +12,8 @@ import torch
 
 from opt.cli import main
 from opt.config import load_config
-from opt.downstream.common import EncodedSplit, batch_rows, encode_split, load_model
+from opt.data.batch import batch_rows
+from opt.downstream.common import EncodedSplit, encode_split, load_model
 from opt.downstream.retrieval import DIRECTIONS, rank_metrics, retrieve
 from opt.engine.export import export_run
 from opt.engine.trainer import Trainer

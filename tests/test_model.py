@@ -40,7 +40,7 @@ def small_model(tokenizer, *overrides, seed=0):
 @pytest.fixture(scope="module")
 def model_and_batch(world, tokenizer):
     model, config = small_model(tokenizer)
-    batch = next(iter(BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=False)))
+    batch = next(iter(BatchLoader(f"{world}/val-*.tar", config.data, config.audio, tokenizer, train=False)))
     return model, batch
 
 
@@ -243,8 +243,8 @@ def test_qk_norm_scope_picks_the_attention_layers(tokenizer, scope, parts):
 def test_kv_cache_matches_full_recompute_with_qk_norm(world, tokenizer):
     """Keys are normalised before they are cached, so cached steps still equal a full pass."""
     model, config = small_model(tokenizer, "model.qk_norm=all")
-    assert_cached_steps_match_a_full_pass(model, next(iter(BatchLoader(f"{world}/val-*.tar", config, tokenizer,
-                                                                      train=False))))
+    loader = BatchLoader(f"{world}/val-*.tar", config.data, config.audio, tokenizer, train=False)
+    assert_cached_steps_match_a_full_pass(model, next(iter(loader)))
 
 
 def test_cached_and_uncached_greedy_decoding_agree(model_and_batch, tokenizer):

@@ -82,6 +82,11 @@ def bad_config(**overrides):
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
 
+def bad_loader(spec: str, tokenizer, *, train: bool = False, **overrides) -> BatchLoader:
+    config = bad_config(**overrides)
+    return BatchLoader(spec, config.data, config.audio, tokenizer, train=train, seed=config.train.seed)
+
+
 def collect(loader):
     batches = list(loader)
     keys = [k for b in batches for k in b["keys"]]
@@ -89,7 +94,7 @@ def collect(loader):
 
 
 def test_batches_have_the_documented_layout(world, tokenizer, config):
-    loader = BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=False)
+    loader = BatchLoader(f"{world}/val-*.tar", config.data, config.audio, tokenizer, train=False)
     batches, keys = collect(loader)
     assert len(keys) == 24 and len(set(keys)) == 24
     batch = batches[0]
@@ -109,13 +114,13 @@ def test_batches_have_the_documented_layout(world, tokenizer, config):
 
 def test_disabled_modality_is_absent_from_batches(world, tokenizer):
     config = load_config(None, ["data.modalities=[text,image]", "data.workers=0", "data.batch_size=8"])
-    batch = next(iter(BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=False)))
+    batch = next(iter(BatchLoader(f"{world}/val-*.tar", config.data, config.audio, tokenizer, train=False)))
     assert "audio" not in batch and "image" in batch and "text" in batch
 
 
 def test_training_mode_resamples_forever_with_full_shuffled_batches(world, tokenizer):
     config = load_config(None, ["data.batch_size=16", "data.workers=2", "data.shuffle_buffer=64"])
-    loader = BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=True)
+    loader = BatchLoader(f"{world}/val-*.tar", config.data, config.audio, tokenizer, train=True, seed=config.train.seed)
     seen = []
     for step, batch in enumerate(loader):
         assert len(batch["keys"]) == 16
@@ -128,7 +133,7 @@ def test_training_mode_resamples_forever_with_full_shuffled_batches(world, token
 
 def test_every_bad_input_is_skipped_or_repaired_and_counted(bad_shard, tokenizer):
     cases = bad_cases({"png": b"", "wav": b""})
-    loader = BatchLoader(str(bad_shard), bad_config(), tokenizer, train=False)
+    loader = bad_loader(str(bad_shard), tokenizer)
     batches, keys = collect(loader)
     expected_kept = {"good0", "good1", "good2"} | {k for k, (_, (kind, _)) in cases.items() if kind == "repair"}
     assert set(keys) == expected_kept
@@ -150,9 +155,9 @@ def test_every_bad_input_is_skipped_or_repaired_and_counted(bad_shard, tokenizer
 def test_counts_are_summed_across_worker_processes(bad_shard, tokenizer, tmp_path):
     for name in ("bad-000000.tar", "bad-000001.tar"):
         (tmp_path / name).write_bytes(bad_shard.read_bytes())
-    one = BatchLoader(str(bad_shard), bad_config(), tokenizer, train=False)
+    one = bad_loader(str(bad_shard), tokenizer)
     collect(one)
-    two = BatchLoader(f"{tmp_path}/bad-*.tar", bad_config(**{"data.workers": 2}), tokenizer, train=False)
+    two = bad_loader(f"{tmp_path}/bad-*.tar", tokenizer, **{"data.workers": 2})
     _, keys = collect(two)
     assert two.workers == 2
     assert len(keys) == 2 * one.stats.samples
@@ -174,7 +179,7 @@ def test_decoded_sample_cache_gives_the_same_stream_and_counts_decoding_each_sam
     runs = {}
     for cached in (False, True):
         calls.clear()
-        loader = BatchLoader(str(bad_shard), bad_config(**{"data.cache_decoded": cached}), tokenizer, train=True)
+        loader = bad_loader(str(bad_shard), tokenizer, train=True, **{"data.cache_decoded": cached})
         batches = [batch for _, batch in zip(range(12), loader)]  # several passes over the shard
         runs[cached] = (batches, loader.stats, dict(calls))
     (plain, plain_stats, plain_calls), (cached, cached_stats, cached_calls) = runs[False], runs[True]
@@ -188,13 +193,13 @@ def test_decoded_sample_cache_gives_the_same_stream_and_counts_decoding_each_sam
 
 
 def test_required_modality_missing_is_a_skip(bad_shard, tokenizer):
-    loader = BatchLoader(str(bad_shard), bad_config(**{"data.require": "[audio]"}), tokenizer, train=False)
+    loader = bad_loader(str(bad_shard), tokenizer, **{"data.require": "[audio]"})
     _, keys = collect(loader)
     assert "missing_member" not in keys and loader.stats.skipped["missing_audio"] == 1
 
 
 def test_strict_mode_names_the_shard_and_key(bad_shard, tokenizer):
-    loader = BatchLoader(str(bad_shard), bad_config(**{"data.strict": True}), tokenizer, train=False)
+    loader = bad_loader(str(bad_shard), tokenizer, **{"data.strict": True})
     with pytest.raises(DataError, match=r"bad-000000\.tar: sample corrupt_image: image_corrupt"):
         collect(loader)
 
@@ -202,7 +207,7 @@ def test_strict_mode_names_the_shard_and_key(bad_shard, tokenizer):
 def test_strict_mode_error_from_a_worker_is_one_line(bad_shard, tokenizer):
     config = bad_config(**{"data.strict": True, "data.workers": 1})
     with pytest.raises(DataError) as error:
-        collect(BatchLoader(str(bad_shard), config, tokenizer, train=False))
+        collect(BatchLoader(str(bad_shard), config.data, config.audio, tokenizer, train=False))
     assert "\n" not in str(error.value) and "corrupt_image" in str(error.value)
 
 
@@ -211,7 +216,7 @@ def test_truncated_and_empty_shards_are_counted_not_fatal(world, tokenizer, tmp_
     (tmp_path / "a-000000.tar").write_bytes(shard[: len(shard) // 2 + 100])
     (tmp_path / "a-000001.tar").write_bytes(b"")
     (tmp_path / "a-000002.tar").write_bytes(shard)
-    loader = BatchLoader(str(tmp_path), bad_config(), tokenizer, train=False)
+    loader = bad_loader(str(tmp_path), tokenizer)
     _, keys = collect(loader)
     assert len(keys) >= 24 + 5  # the intact shard plus what preceded the cut
     assert loader.stats.skipped["shard_unreadable"] >= 1

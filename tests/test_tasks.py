@@ -117,7 +117,7 @@ def small_setup(world, tokenizer):
     config = load_config("configs/tiny.yaml", SMALL + ["tasks.queue_size=16", "data.batch_size=8"])
     torch.manual_seed(0)
     model = OPTModel(ModelSpec.from_config(config, tokenizer)).train()
-    batch = next(iter(BatchLoader(f"{world}/val-*.tar", config, tokenizer, train=False)))
+    batch = next(iter(BatchLoader(f"{world}/val-*.tar", config.data, config.audio, tokenizer, train=False)))
     return config, model, batch
 
 

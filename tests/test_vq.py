@@ -44,7 +44,7 @@ def test_psnr_of_identical_and_shifted_images():
 def _flat_colour_psnr(shards, config):
     """PSNR of the trivial reconstruction: every pixel set to its image's mean colour."""
     scores = []
-    for batch in BatchLoader(shards, config, None, train=False, batch_size=64):
+    for batch in BatchLoader(shards, config.data, config.audio, None, train=False, batch_size=64):
         pixels = batch["image"]["pixels"]
         scores.append(psnr(pixels.mean(dim=(2, 3), keepdim=True).expand_as(pixels), pixels))
     return float(torch.cat(scores).mean())
@@ -64,7 +64,8 @@ def test_trained_vq_reconstructs_val_images_well_above_a_flat_baseline(world, tm
     assert metrics["used_fraction"] > 0.2 and metrics["perplexity"] > 10
     assert (out / "reconstructions.png").stat().st_size > 10_000
     model = load_vq(out)
-    pixels = next(iter(BatchLoader(f"{world}/val-*.tar", config, None, train=False, batch_size=8)))["image"]["pixels"]
+    loader = BatchLoader(f"{world}/val-*.tar", config.data, config.audio, None, train=False, batch_size=8)
+    pixels = next(iter(loader))["image"]["pixels"]
     assert psnr(model.decode(model.encode(pixels)), pixels).mean() > baseline
     assert "val PSNR" in capsys.readouterr().out
 

@@ -103,7 +103,7 @@ def run_check(args: argparse.Namespace) -> None:
     tokenizer = None
     if "text" in config.data.modalities:
         tokenizer = TextTokenizer.from_file(args.tokenizer or config.tokenizer.path)
-    loader = BatchLoader(args.data, config, tokenizer, train=False)
+    loader = BatchLoader(args.data, config.data, config.audio, tokenizer, train=False)
     batches = sum(1 for _ in loader)
     print(f"{batches} batches from {len(loader.shards)} shards; {loader.stats.summary()}")
 

@@ -3,15 +3,7 @@
     shards -> (resampled | listed, split by node and worker) -> tar samples
            -> shuffle buffer -> decode + validate -> collate into batches
 
-A batch is a dict keyed by modality::
-
-    {"keys": [str] * b, "captions": [str | None] * b, "meta": [dict] * b,
-     "text":  {"ids": (b, t) long, "mask": (b, t) bool, "present": (b,) bool},
-     "image": {"pixels": (b, 3, H, W) float in [0, 1], "present": (b,) bool},
-     "audio": {"features": (b, f, n_mels) float, "mask": (b, f) bool, "present": (b,) bool}}
-
-Masks are True on real positions. A disabled modality has no entry; an absent
-one in a sample has ``present`` False and all-padding rows. Bad samples are
+Batches have the layout of :mod:`opt.data.batch`. Bad samples are
 skipped or repaired (see :mod:`opt.data.samples`) and counted; the counts ride
 along with each batch from the worker processes and are summed by
 :class:`BatchLoader`. In strict mode the first bad sample raises
@@ -24,12 +16,11 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from opt.config import Config
-from opt.data.audio import pad_frames
+from opt.config import AudioConfig, DataConfig
+from opt.data.batch import Collator
 from opt.data.samples import DecodedSample, SampleDecoder, SkipSample
 from opt.data.shards import resolve_shards
 from opt.errors import DataError
@@ -102,42 +93,6 @@ def _decode(samples: Iterator[dict], decoder: SampleDecoder, strict: bool,
         yield outcome
 
 
-class Collator:
-    """Stacks :class:`DecodedSample` lists into the batch dict described above."""
-
-    def __init__(self, modalities: list[str], pad_id: int, n_mels: int) -> None:
-        self.modalities = modalities
-        self.pad_id = pad_id
-        self.n_mels = n_mels
-
-    def __call__(self, samples: list[DecodedSample]) -> dict:
-        batch: dict = {
-            "keys": [s.key for s in samples],
-            "captions": [s.caption for s in samples],
-            "meta": [s.meta for s in samples],
-        }
-        if "text" in self.modalities:
-            longest = max((len(s.text) for s in samples if s.text is not None), default=1)
-            ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
-            for row, s in enumerate(samples):
-                if s.text is not None:
-                    ids[row, : len(s.text)] = torch.tensor(s.text)
-            present = torch.tensor([s.text is not None for s in samples])
-            lengths = torch.tensor([len(s.text) if s.text is not None else 0 for s in samples])
-            mask = torch.arange(longest)[None, :] < lengths[:, None]
-            batch["text"] = {"ids": ids, "mask": mask, "present": present}
-        if "image" in self.modalities:
-            reference = next((s.image for s in samples if s.image is not None), None)
-            shape = reference.shape if reference is not None else (3, 1, 1)
-            pixels = torch.stack([s.image if s.image is not None else torch.zeros(shape) for s in samples])
-            batch["image"] = {"pixels": pixels, "present": torch.tensor([s.image is not None for s in samples])}
-        if "audio" in self.modalities:
-            features, mask = pad_frames([s.audio for s in samples], self.n_mels)
-            batch["audio"] = {"features": features, "mask": mask,
-                              "present": torch.tensor([s.audio is not None for s in samples])}
-        return batch
-
-
 def _batches(samples: Iterator[DecodedSample], batch_size: int, partial: bool,
              collate: Collator) -> Iterator[dict]:
     buffer: list[DecodedSample] = []
@@ -158,28 +113,28 @@ def _with_stats(batch: dict) -> dict:
     return batch
 
 
-def build_dataset(shards: list[str], config: Config, tokenizer: TextTokenizer | None, *,
-                  train: bool, batch_size: int | None = None, split_by_node: bool = True) -> wds.DataPipeline:
+def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, tokenizer: TextTokenizer | None, *,
+                  train: bool, seed: int = 0, batch_size: int | None = None,
+                  split_by_node: bool = True) -> wds.DataPipeline:
     """The pipeline as an ``IterableDataset`` of batches.
 
-    ``train=True``: shards resampled forever with a seeded RNG, a shuffle buffer,
-    full batches only. ``train=False``: each shard once, in order, last batch kept;
-    with ``split_by_node`` the shards are divided among distributed processes,
+    ``train=True``: shards resampled forever with an RNG seeded by ``seed``, a shuffle
+    buffer, full batches only. ``train=False``: each shard once, in order, last batch
+    kept; with ``split_by_node`` the shards are divided among distributed processes,
     otherwise every process reads all of them.
     """
-    data = config.data
     if "text" in data.modalities and tokenizer is None:
         raise ValueError("a tokenizer is needed when the text modality is enabled")
-    decoder = SampleDecoder(data, config.audio, tokenizer)
-    collate = Collator(data.modalities, tokenizer.pad_id if tokenizer else 0, config.audio.n_mels)
+    decoder = SampleDecoder(data, audio, tokenizer)
+    collate = Collator(data.modalities, tokenizer.pad_id if tokenizer else 0, audio.n_mels)
     strict = data.strict
     if train:
-        stages = [wds.ResampledShards(shards, seed=config.train.seed, deterministic=True)]
+        stages = [wds.ResampledShards(shards, seed=seed, deterministic=True)]
     else:
         stages = [wds.SimpleShardList(shards)] + ([wds.split_by_node] if split_by_node else []) + [wds.split_by_worker]
     stages.append(wds.tarfile_to_samples(handler=_tar_error_handler(strict)))
     if train and data.shuffle_buffer > 0:
-        stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer // 2, seed=config.train.seed))
+        stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer // 2, seed=seed))
     cache = {} if train and data.cache_decoded else None  # one per process: each worker fills its own
     stages.append(wds.pipelinefilter(_decode)(decoder, strict, cache))
     stages.append(wds.pipelinefilter(_batches)(batch_size or data.batch_size, not train, collate))
@@ -189,17 +144,21 @@ def build_dataset(shards: list[str], config: Config, tokenizer: TextTokenizer | 
 class BatchLoader:
     """Iterates batches from a shard spec with worker processes and keeps the data counts.
 
-        loader = BatchLoader("data/world/val-*.tar", config, tokenizer, train=False)
+        loader = BatchLoader("data/world/val-*.tar", config.data, config.audio, tokenizer, train=False)
         for batch in loader: ...
         print(loader.stats.summary())
+
+    It takes the data and audio settings, the tokenizer (None when text is not
+    read) and, for training, the seed of the shard order and shuffle buffer.
     """
 
-    def __init__(self, spec: str, config: Config, tokenizer: TextTokenizer | None, *, train: bool,
-                 workers: int | None = None, batch_size: int | None = None, split_by_node: bool = True) -> None:
+    def __init__(self, spec: str, data: DataConfig, audio: AudioConfig, tokenizer: TextTokenizer | None, *,
+                 train: bool, seed: int = 0, workers: int | None = None, batch_size: int | None = None,
+                 split_by_node: bool = True) -> None:
         self.shards = resolve_shards(spec)
-        self.dataset = build_dataset(self.shards, config, tokenizer, train=train, batch_size=batch_size,
-                                     split_by_node=split_by_node)
-        self.workers = config.data.workers if workers is None else workers
+        self.dataset = build_dataset(self.shards, data, audio, tokenizer, train=train, seed=seed,
+                                     batch_size=batch_size, split_by_node=split_by_node)
+        self.workers = data.workers if workers is None else workers
         if not train:
             self.workers = min(self.workers, len(self.shards))
         self.stats = DataStats()

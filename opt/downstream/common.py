@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from opt import MODALITIES
-from opt.config import Config, DataConfig
+from opt.config import DataConfig
+from opt.data.batch import batch_rows, to_device
 from opt.data.pipeline import BatchLoader
 from opt.errors import UserError
 from opt.model.opt_model import OPTModel
@@ -40,35 +41,27 @@ def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
     return LoadedModel(model, TextTokenizer.from_file(directory / "tokenizer.model"), target)
 
 
-def data_config(loaded: LoadedModel, *, batch_size: int = 64, workers: int = 0) -> Config:
-    """A config that reads shards exactly as the model was trained to see them."""
+def data_settings(loaded: LoadedModel, *, batch_size: int = 64, workers: int = 0) -> DataConfig:
+    """Data settings that read shards exactly as the model was trained to see them."""
     spec = loaded.model.spec
-    data = DataConfig(modalities=list(MODALITIES), image_size=spec.image_size, max_text_tokens=spec.max_text_tokens,
+    return DataConfig(modalities=list(MODALITIES), image_size=spec.image_size, max_text_tokens=spec.max_text_tokens,
                       batch_size=batch_size, workers=workers)
-    return Config(data=data, audio=spec.audio)
 
 
 def caption_log_likelihood(model: OPTModel, fused: dict, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """(b,) log P(caption | fused context) from the text decoder: ``ids`` (b, t) from the bos,
     each token after it scored given the ones before, summed where ``real`` (b, t) is True."""
-    logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
+    logits = model.text_decoder.teacher_forced(ids, fused["states"], fused["mask"])
     token = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (b, t - 1)
     return (token * real[:, 1:]).sum(1)
-
-
-def to_device(value, device: torch.device):
-    """Tensors of a (nested) batch dict moved to ``device``; everything else as it is."""
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value.to(device) if torch.is_tensor(value) else value
 
 
 def iterate_batches(loaded: LoadedModel, data: str, *, batch_size: int = 64, limit: int | None = None,
                     workers: int = 0) -> Iterator[dict]:
     """Batches of a shard spec in order (each sample once), at most ``limit`` samples."""
-    config = data_config(loaded, batch_size=batch_size, workers=workers)
+    settings = data_settings(loaded, batch_size=batch_size, workers=workers)
     seen = 0
-    for batch in BatchLoader(data, config, loaded.tokenizer, train=False):
+    for batch in BatchLoader(data, settings, loaded.model.spec.audio, loaded.tokenizer, train=False):
         if limit is not None and seen + len(batch["keys"]) > limit:
             keep = limit - seen
             batch = batch_rows(batch, list(range(keep)))
@@ -77,15 +70,6 @@ def iterate_batches(loaded: LoadedModel, data: str, *, batch_size: int = 64, lim
             yield to_device(batch, loaded.device)
         if limit is not None and seen >= limit:
             return
-
-
-def batch_rows(value, index: list[int]):
-    """Rows ``index`` of a (nested) batch dict of tensors and lists."""
-    if isinstance(value, dict):
-        return {k: batch_rows(v, index) for k, v in value.items()}
-    if torch.is_tensor(value):
-        return value[torch.tensor(index, dtype=torch.long, device=value.device)]
-    return [value[i] for i in index]
 
 
 @dataclass

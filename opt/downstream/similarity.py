@@ -2,7 +2,7 @@
 the cleaning filter ``low_similarity`` (:mod:`opt.data.clean`).
 
 Raw shard samples are decoded exactly as for training (the pipeline's
-:class:`~opt.data.samples.SampleDecoder` and :class:`~opt.data.pipeline.Collator`,
+:class:`~opt.data.samples.SampleDecoder` and :class:`~opt.data.batch.Collator`,
 with the image size, text length and audio settings the model was built
 for), each modality of the pair goes through its single-modal encoder and
 two-tower head, and the score is the cosine of the two L2-normalised
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from opt.config import DataConfig
-from opt.data.pipeline import Collator
+from opt.data.batch import Collator, to_device
 from opt.data.samples import DecodedSample, SampleDecoder, SkipSample
-from opt.downstream.common import load_model, to_device
+from opt.downstream.common import load_model
 from opt.model.opt_model import OPTModel
 from opt.text.tokenizer import TextTokenizer
 

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from opt.data.audio import AudioFrontEnd, pad_frames
-from opt.downstream.common import EncodedSplit, LoadedModel, batch_rows, caption_log_likelihood, to_device
+from opt.data.batch import batch_rows, to_device
+from opt.downstream.common import EncodedSplit, LoadedModel, caption_log_likelihood
 from opt.downstream.image_analysis import score_image
 from opt.downstream.world_attributes import aggregate
 from opt.errors import UserError

@@ -26,9 +26,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from opt.config import Config, save_config
+from opt.data.batch import to_device
 from opt.data.pipeline import BatchLoader
 from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import DeepSpeedBackend, init_distributed
+from opt.engine.schedule import warmup_decay
 from opt.errors import UserError
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.model.vq import save_vq
@@ -50,14 +52,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def learning_rate_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup to 1, then cosine or linear decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-
-
 def build_optimizer(model: torch.nn.Module, config: Config):
     """AdamW over ``parameter_groups`` and its warmup-then-decay schedule, from ``train.*``.
 
@@ -66,14 +60,8 @@ def build_optimizer(model: torch.nn.Module, config: Config):
     train = config.train
     optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas),
                                   fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
-        step, warmup=train.warmup_steps, total=train.steps, schedule=train.schedule))
+    scheduler = warmup_decay(optimizer, warmup=train.warmup_steps, total=train.steps, decay=train.schedule)
     return optimizer, scheduler
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (to_device(v, device) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v)
-            for k, v in batch.items()}
 
 
 class MetricWindow:
@@ -186,7 +174,9 @@ class Trainer:
     # -- training ------------------------------------------------------------------------------
 
     def _batches(self):
-        loader = BatchLoader(self.config.data.train, self.config, self.tokenizer, train=True)
+        config = self.config
+        loader = BatchLoader(config.data.train, config.data, config.audio, self.tokenizer, train=True,
+                             seed=config.train.seed)
         iterator = iter(loader)
         for _ in range(self.consumed):  # the data position: skip what the interrupted run consumed
             next(iterator)
@@ -196,7 +186,8 @@ class Trainer:
         """The first ``train.eval_batches`` batches of ``data.val`` (every process reads the same ones)."""
         if self.config.train.eval_every <= 0 or not self.config.data.val:
             return []
-        loader = BatchLoader(self.config.data.val, self.config, self.tokenizer, train=False, workers=0,
+        config = self.config
+        loader = BatchLoader(config.data.val, config.data, config.audio, self.tokenizer, train=False, workers=0,
                              split_by_node=False)
         batches = []
         for batch in loader:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from opt.config import Config
 from opt.data.pipeline import BatchLoader
+from opt.engine.schedule import warmup_decay
 from opt.files import write_atomic
 from opt.model.vq import VQTokenizer, codebook_usage, psnr, reconstruction_loss, save_vq
 from opt.viz import save_image_grid
@@ -54,12 +54,11 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
     torch.manual_seed(config.train.seed)
     config = _image_only(config)
     settings = config.vq_train
-    loader = BatchLoader(data, config, None, train=True, batch_size=settings.batch_size)
+    loader = BatchLoader(data, config.data, config.audio, None, train=True, seed=config.train.seed,
+                         batch_size=settings.batch_size)
     model = VQTokenizer(config.model.vq)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    warmup = max(1, settings.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / settings.steps, 1.0))))
+    schedule = warmup_decay(optimizer, warmup=max(1, settings.steps // 20), total=settings.steps)
     bar = tqdm(total=settings.steps, desc="vq", disable=not progress)
     batches = iter(loader)
     for step in range(settings.steps):
@@ -76,7 +75,7 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{batch_psnr:.1f}")
         bar.update()
     bar.close()
-    val_loader = BatchLoader(val or data, config, None, train=False, batch_size=64)
+    val_loader = BatchLoader(val or data, config.data, config.audio, None, train=False, batch_size=64)
     metrics = evaluate_vq(model, val_loader, max_batches=None if val else 4)
     originals, reconstructions = metrics.pop("_pictures")
     out = Path(out)

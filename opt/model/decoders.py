@@ -51,6 +51,11 @@ class TextDecoder(nn.Module):
                              cache=cache)
         return self.head(x)
 
+    def teacher_forced(self, ids: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (b, t - 1, vocab) predicting ``ids[:, 1:]`` from ``ids[:, :-1]`` (b, t) in one pass:
+        the training objective of text decoding and the likelihood a caption is scored by."""
+        return self(ids[:, :-1], context, context_mask).float()
+
 
 class ImageTokenDecoder(nn.Module):
     def __init__(self, config: ImageDecoderConfig, *, codebook_size: int, codes: int, context_width: int,

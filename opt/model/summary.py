@@ -44,10 +44,10 @@ def full_step_loss(model: OPTModel, batch: dict) -> torch.Tensor:
     unimodal = model.encode_unimodal(batch)
     fused = model.fuse(unimodal)
     ids = batch["text"]["ids"]
-    text_logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"])
+    text_logits = model.text_decoder.teacher_forced(ids, fused["states"], fused["mask"])
     codes = model.image_codes(batch["image"]["pixels"])
     image_logits = model.image_decoder(codes, fused["states"], fused["mask"], causal=False)
-    return (text_logits.float().logsumexp(-1).mean() + image_logits.float().logsumexp(-1).mean()
+    return (text_logits.logsumexp(-1).mean() + image_logits.float().logsumexp(-1).mean()
             + model.match_logits(unimodal, fused).float().mean())
 
 

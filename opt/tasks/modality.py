@@ -45,7 +45,7 @@ class TextDecoding:
         sources = _sources("td", conditions or self.config.td_conditions, batch, random.choice)
         fused = model.fuse(model.encode_unimodal(batch, modalities=sources), sources)
         ids, mask = batch["text"]["ids"], batch["text"]["mask"] & batch["text"]["present"][:, None]
-        logits = model.text_decoder(ids[:, :-1], fused["states"], fused["mask"]).float()
+        logits = model.text_decoder.teacher_forced(ids, fused["states"], fused["mask"])
         targets = ids[:, 1:]
         keep = mask[:, 1:]
         loss = F.cross_entropy(logits[keep], targets[keep], label_smoothing=self.label_smoothing)

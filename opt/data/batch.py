@@ -1,0 +1,75 @@
+"""Batches: the collator that stacks decoded samples into the batch dict, and the
+helpers every consumer of batches shares (moving to a device, taking rows).
+
+A batch is a dict keyed by modality::
+
+    {"keys": [str] * b, "captions": [str | None] * b, "meta": [dict] * b,
+     "text":  {"ids": (b, t) long, "mask": (b, t) bool, "present": (b,) bool},
+     "image": {"pixels": (b, 3, H, W) float in [0, 1], "present": (b,) bool},
+     "audio": {"features": (b, f, n_mels) float, "mask": (b, f) bool, "present": (b,) bool}}
+
+Masks are True on real positions. A disabled modality has no entry; an absent
+one in a sample has ``present`` False and all-padding rows. Training,
+evaluation and prompts (``opt generate``) all build their batches here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from opt.data.audio import pad_frames
+from opt.data.samples import DecodedSample
+
+
+class Collator:
+    """Stacks :class:`DecodedSample` lists into the batch dict described above."""
+
+    def __init__(self, modalities: list[str], pad_id: int, n_mels: int) -> None:
+        self.modalities = modalities
+        self.pad_id = pad_id
+        self.n_mels = n_mels
+
+    def __call__(self, samples: list[DecodedSample]) -> dict:
+        batch: dict = {
+            "keys": [s.key for s in samples],
+            "captions": [s.caption for s in samples],
+            "meta": [s.meta for s in samples],
+        }
+        if "text" in self.modalities:
+            longest = max((len(s.text) for s in samples if s.text is not None), default=1)
+            ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
+            for row, s in enumerate(samples):
+                if s.text is not None:
+                    ids[row, : len(s.text)] = torch.tensor(s.text)
+            present = torch.tensor([s.text is not None for s in samples])
+            lengths = torch.tensor([len(s.text) if s.text is not None else 0 for s in samples])
+            mask = torch.arange(longest)[None, :] < lengths[:, None]
+            batch["text"] = {"ids": ids, "mask": mask, "present": present}
+        if "image" in self.modalities:
+            reference = next((s.image for s in samples if s.image is not None), None)
+            shape = reference.shape if reference is not None else (3, 1, 1)
+            pixels = torch.stack([s.image if s.image is not None else torch.zeros(shape) for s in samples])
+            batch["image"] = {"pixels": pixels, "present": torch.tensor([s.image is not None for s in samples])}
+        if "audio" in self.modalities:
+            features, mask = pad_frames([s.audio for s in samples], self.n_mels)
+            batch["audio"] = {"features": features, "mask": mask,
+                              "present": torch.tensor([s.audio is not None for s in samples])}
+        return batch
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) batch dict moved to ``device``; everything else as it is."""
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value.to(device) if torch.is_tensor(value) else value
+
+
+def batch_rows(value: Any, index: list[int]) -> Any:
+    """Rows ``index`` of a (nested) batch dict of tensors and lists."""
+    if isinstance(value, dict):
+        return {k: batch_rows(v, index) for k, v in value.items()}
+    if torch.is_tensor(value):
+        return value[torch.tensor(index, dtype=torch.long, device=value.device)]
+    return [value[i] for i in index]
