@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from opt.benchmarking import matmul_peak, timed
 from opt.config import CrossModalConfig, load_config
@@ -28,6 +27,7 @@ from opt.model.cross import CrossModalEncoder
 from opt.model.decoders import ImageTokenDecoder, TextDecoder
 from opt.model.generation import (generate_image_codes_autoregressive, generate_image_codes_parallel,
                                   generate_text)
+from opt.model.summary import count_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def bench_cross_encoder(name: str, config: CrossModalConfig, batch: int, repeats
     def step():
         encoder(inputs)["states"].float().pow(2).mean().backward()
 
-    with FlopCounterMode(display=False) as counter:
+    with count_flops() as counter:
         step()
     flops = counter.get_total_flops()
     seconds = timed(step, repeats)

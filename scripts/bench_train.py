@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel
 
 from opt.benchmarking import matmul_peak, timed
@@ -30,7 +29,7 @@ from opt.config import load_config
 from opt.engine.trainer import build_optimizer, parameter_groups
 from opt.model.cross import CrossModalEncoder
 from opt.model.opt_model import ModelSpec, OPTModel
-from opt.model.summary import dummy_batch, full_step_loss
+from opt.model.summary import count_flops, dummy_batch, full_step_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +48,7 @@ def bench_step(name: str, batch_size: int, repeats: int, peak: float, dtype: tor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
+    with count_flops() as counter:
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = full_step_loss(model, batch)
         loss.backward()

@@ -38,7 +38,7 @@ class Killed(Exception):
 
 def test_kill_and_resume_matches_an_uninterrupted_run(train_overrides, tmp_path, monkeypatch):
     # the resumed run crosses a curriculum phase boundary (step 4) after its checkpoint (step 3)
-    overrides = train_overrides + ["train.checkpoint_every=3", "tasks.phases=[{steps: 4, weights: {td: 1, mlm: 1}}]"]
+    overrides = train_overrides + ["train.checkpoint_every=3", "tasks.phases=[{steps: 4, weights: {text_decoding: 1, mlm: 1}}]"]
     train(overrides, tmp_path / "straight", 6)
     original, calls = TaskMixture.forward, {"n": 0}
 
@@ -110,7 +110,7 @@ def test_validation_logs_every_task_and_leaves_training_untouched(train_override
     records = [json.loads(line) for line in (tmp_path / "validated" / "metrics.jsonl").read_text().splitlines()]
     validation = [r for r in records if any(k.startswith("val/") for k in r)]
     assert [r["step"] for r in validation] == [2, 4]
-    for task in ("mlm", "mvm", "mam", "td", "id", "itm", "contrastive"):
+    for task in ("mlm", "mvm", "mam", "text_decoding", "image_decoding", "itm", "contrastive"):
         assert 0.0 <= validation[-1][f"val/{task}/accuracy"] <= 1.0
         assert validation[-1][f"val/{task}/loss"] > 0
     plain, validated = final_weights(tmp_path / "plain"), final_weights(tmp_path / "validated")
@@ -122,9 +122,9 @@ def test_bf16_training_validates_and_exports_an_fp32_model(train_overrides, tmp_
     (it used to fail on the first evaluation), and the export is plain fp32."""
     train(train_overrides + ["train.precision=bf16", "train.eval_every=2", "train.eval_batches=1"], tmp_path / "run", 2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    validation = [r for r in records if "val/td/accuracy" in r]
+    validation = [r for r in records if "val/text_decoding/accuracy" in r]
     assert [r["step"] for r in validation] == [2]
-    assert 0.0 <= validation[0]["val/td/accuracy"] <= 1.0 and validation[0]["val/mlm/loss"] > 0
+    assert 0.0 <= validation[0]["val/text_decoding/accuracy"] <= 1.0 and validation[0]["val/mlm/loss"] > 0
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
     model = OPTModel.from_pretrained(tmp_path / "model")
     assert {p.dtype for p in model.parameters()} == {torch.float32}

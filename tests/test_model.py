@@ -4,6 +4,7 @@ decoding, image generation, save/load and seeding."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from opt.model.generation import (
 )
 from opt.model.layers import Attention, attention_mask, distance_bias, with_bias
 from opt.model.opt_model import ModelSpec, OPTModel
-from opt.model.summary import dummy_batch, parameter_counts, training_step_flops
+from opt.model.summary import count_flops, dummy_batch, parameter_counts, training_step_flops
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = ["model.cross.width=64", "model.cross.layers=1", "model.vision.width=64", "model.vision.layers=1",
          "model.text.width=64", "model.text.layers=1", "model.audio.width=64", "model.audio.layers=1",
@@ -343,14 +346,69 @@ def test_same_seed_same_model_other_seed_other_model(tokenizer):
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 
 
-def test_summary_counts_parameters_and_flops(tokenizer):
+def test_summary_counts_parameters(tokenizer):
     model, _ = small_model(tokenizer)
     counts = parameter_counts(model)
     assert counts["total"] == sum(p.numel() for p in model.parameters()) + counts["vq (frozen)"]
     assert counts["trainable"] == counts["total"] - counts["vq (frozen)"]
-    flops = training_step_flops(model)
-    assert 1e7 < flops < 1e10
+    assert sum(v for k, v in counts.items() if k not in ("total", "trainable")) == counts["total"]
+
+
+def transformer_flops(tokens: int, width: int, layers: int, ratio: int, *, context: int = 0,
+                      context_width: int = 0) -> int:
+    """Analytic matmul FLOPs of one forward pass of pre-LN blocks over ``tokens`` tokens (2 per
+    multiply-add): the projections and the MLP, self-attention's two products, and with a
+    ``context`` of that many tokens cross-attention's query, output, key-value and two products."""
+    self_attention = 2 * tokens * 4 * width * width + 4 * tokens * tokens * width
+    mlp = 2 * tokens * 2 * ratio * width * width
+    cross = (2 * tokens * 2 * width * width + 2 * context * context_width * 2 * width
+             + 4 * tokens * context * width) if context else 0
+    return layers * (self_attention + mlp + cross)
+
+
+def test_flop_counts_match_an_analytic_count_of_the_fusion_and_the_text_decoder(tokenizer):
+    model, config = small_model(tokenizer, "model.cross.layers=2")
+    batch, width, ratio = 3, config.model.cross.width, config.model.mlp_ratio
+    lengths = {"text": 12, "image": 64, "audio": 30}
+    inputs = {m: {"tokens": torch.randn(batch, n, width, requires_grad=True),
+                  "mask": torch.ones(batch, n, dtype=torch.bool)} for m, n in lengths.items()}
+    with count_flops() as counter:
+        fused = model.cross(inputs)
+        fused["states"].sum().backward()
+    sequence = 1 + sum(lengths.values())  # [CLS] + every modality's tokens
+    expected = 3 * batch * transformer_flops(sequence, width, 2, ratio)  # backward: twice the forward
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.1)
+
+    decoder, text = model.text_decoder, config.model.text_decoder
+    ids = torch.randint(7, model.spec.vocab_size, (batch, 20))
+    context = fused["states"].detach().requires_grad_(True)
+    with count_flops() as counter:
+        decoder.teacher_forced(ids, context, fused["mask"]).sum().backward()
+    steps = ids.shape[1] - 1
+    forward = (transformer_flops(steps, text.width, text.layers, ratio, context=sequence, context_width=width)
+               + 2 * steps * text.width * model.spec.vocab_size)  # the tied output head
+    assert counter.get_total_flops() == pytest.approx(3 * batch * forward, rel=0.1)
+
+
+def test_training_step_flops_exceed_the_fusion_forward_and_backward_alone(tokenizer):
+    model, config = small_model(tokenizer)
+    fused_text_and_image = 1 + model.spec.max_text_tokens + model.spec.image_codes  # audio frames come on top
+    fusion = 3 * transformer_flops(fused_text_and_image, config.model.cross.width, config.model.cross.layers,
+                                   config.model.mlp_ratio)
+    assert training_step_flops(model) > 2 * fusion  # the encoders and both decoders cost more than the fusion
     assert not model.vq.quantizer.training
+
+
+def test_base_and_large_build_on_the_meta_device_with_the_readmes_parameter_counts():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("base", "large"):
+        config = load_config(ROOT / "configs" / f"{name}.yaml")
+        with torch.device("meta"):
+            model = OPTModel(ModelSpec.from_config(config))
+        counts = parameter_counts(model)
+        assert all(p.is_meta for p in model.parameters())
+        row = f"| `{name}` | {counts['trainable'] / 1e6:,.1f} M | {counts['vq (frozen)'] / 1e6:,.1f} M |"
+        assert row in readme, f"README's model table lacks {row!r}"
 
 
 def test_wav2vec2_front_encodes_raw_waveforms(tokenizer):

@@ -8,10 +8,11 @@ import torch
 from opt.config import load_config
 from opt.data.pipeline import BatchLoader
 from opt.model.opt_model import ModelSpec, OPTModel
-from opt.tasks.base import drop_modalities, select_positions
+from opt.tasks.base import select_positions
 from opt.tasks.mixture import TaskMixture
-from opt.tasks.sample import itm_assignment
-from opt.tasks.token import FIRST_ORDINARY_ID, mask_text_ids, same_utterance_logits
+from opt.tasks.modality_level import drop_modalities
+from opt.tasks.sample_level import itm_assignment
+from opt.tasks.token_level import FIRST_ORDINARY_ID, mask_text_ids, same_utterance_logits
 from tests.test_model import SMALL
 
 
@@ -121,11 +122,11 @@ def small_setup(world, tokenizer):
     return config, model, batch
 
 
-@pytest.mark.parametrize("name", ["mlm", "mvm", "mam", "td", "id", "itm", "contrastive"])
+@pytest.mark.parametrize("name", ["mlm", "mvm", "mam", "text_decoding", "image_decoding", "itm", "contrastive"])
 def test_each_task_returns_a_finite_loss_with_gradients(small_setup, name):
     config, model, batch = small_setup
     mixture = TaskMixture(config, model)
-    output = mixture.task(name)(model, batch, mixture.random)
+    output = mixture.task(name)(model, batch, mixture.generators)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
     assert "loss" in output.metrics and 0.0 <= output.metrics["accuracy"] <= 1.0
     model.zero_grad(set_to_none=True)
@@ -135,8 +136,8 @@ def test_each_task_returns_a_finite_loss_with_gradients(small_setup, name):
 
 def test_mixture_sample_mode_follows_weights_and_sum_mode_runs_all(small_setup):
     config, model, _ = small_setup
-    weighted = load_config("configs/tiny.yaml", SMALL + ["tasks.weights={mlm: 3.0, itm: 1.0, td: 0, mvm: 0, mam: 0, "
-                                                         "id: 0, contrastive: 0}"])
+    weighted = load_config("configs/tiny.yaml", SMALL + [
+        "tasks.weights={mlm: 3.0, itm: 1.0, text_decoding: 0, mvm: 0, mam: 0, image_decoding: 0, contrastive: 0}"])
     mixture = TaskMixture(weighted, model)
     picks = [mixture.choose()[0] for _ in range(2000)]
     assert set(picks) == {"mlm", "itm"} and picks.count("mlm") / 2000 == pytest.approx(0.75, abs=0.03)
@@ -147,26 +148,30 @@ def test_mixture_sample_mode_follows_weights_and_sum_mode_runs_all(small_setup):
 def test_phases_run_their_own_weights_first_then_the_main_weights(small_setup):
     config, model, _ = small_setup
     phased = load_config("configs/tiny.yaml", SMALL + [
-        "tasks.weights={mlm: 1, mvm: 0, mam: 0, td: 0, id: 0, itm: 1, contrastive: 0}",
-        "tasks.phases=[{steps: 3, weights: {td: 1}}, {steps: 2, weights: {id: 1, mam: 1}}]"])
+        "tasks.weights={mlm: 1, mvm: 0, mam: 0, text_decoding: 0, image_decoding: 0, itm: 1, contrastive: 0}",
+        "tasks.phases=[{steps: 3, weights: {text_decoding: 1}}, {steps: 2, weights: {image_decoding: 1, mam: 1}}]"])
     mixture = TaskMixture(phased, model)
-    assert set(mixture.names) == {"mlm", "itm", "td", "id", "mam"}  # every task some phase uses is built
+    assert set(mixture.names) == {"mlm", "itm", "text_decoding", "image_decoding", "mam"}  # every phase's tasks
     picks = [mixture.choose(step)[0] for step in range(3)] + [mixture.choose(step)[0] for step in (3, 4) * 50]
-    assert picks[:3] == ["td"] * 3 and set(picks[3:]) == {"id", "mam"}
+    assert picks[:3] == ["text_decoding"] * 3 and set(picks[3:]) == {"image_decoding", "mam"}
     assert {mixture.choose(step)[0] for step in range(5, 200)} == {"mlm", "itm"}
     summed = TaskMixture(load_config("configs/tiny.yaml", SMALL + [
-        "tasks.mode=sum", "tasks.phases=[{steps: 1, weights: {td: 2, mlm: 1}}]"]), model)
-    assert summed.choose(0) == ["mlm", "td"] and len(summed.choose(1)) == 7
+        "tasks.mode=sum", "tasks.phases=[{steps: 1, weights: {text_decoding: 2, mlm: 1}}]"]), model)
+    assert summed.choose(0) == ["mlm", "text_decoding"] and len(summed.choose(1)) == 7
 
 
 def test_a_phase_can_restrict_what_decoding_conditions_on(small_setup):
     config, model, batch = small_setup
     mixture = TaskMixture(load_config("configs/tiny.yaml", SMALL + [
-        "tasks.weights={mlm: 0, mvm: 0, mam: 0, td: 1, id: 0, itm: 0, contrastive: 0}",
-        "tasks.td_conditions=[image]",
-        "tasks.phases=[{steps: 10, weights: {td: 1}, td_conditions: [audio]}]"]), model)
-    in_phase = {key for step in range(10) for key in mixture(model, batch, step)[1]["td"] if key.startswith("accuracy_")}
-    after = {key for step in range(10, 20) for key in mixture(model, batch, step)[1]["td"] if key.startswith("accuracy_")}
+        "tasks.weights={mlm: 0, mvm: 0, mam: 0, text_decoding: 1, image_decoding: 0, itm: 0, contrastive: 0}",
+        "tasks.text_decoding_conditions=[image]",
+        "tasks.phases=[{steps: 10, weights: {text_decoding: 1}, text_decoding_conditions: [audio]}]"]), model)
+
+    def sources(steps: range) -> set[str]:
+        return {key for step in steps for key in mixture(model, batch, step)[1]["text_decoding"]
+                if key.startswith("accuracy_")}
+
+    in_phase, after = sources(range(10)), sources(range(10, 20))
     assert in_phase == {"accuracy_from_audio"} and after == {"accuracy_from_image"}
 
 
@@ -174,10 +179,10 @@ def test_a_phase_can_restrict_what_decoding_conditions_on(small_setup):
                                                  (0.5, {"autoregressive", "parallel"})])
 def test_image_decoding_trains_the_configured_share_of_parallel_steps(small_setup, fraction, objectives):
     _, model, batch = small_setup
-    config = load_config("configs/tiny.yaml", SMALL + [f"tasks.id_parallel_fraction={fraction}"])
+    config = load_config("configs/tiny.yaml", SMALL + [f"tasks.image_decoding_parallel_fraction={fraction}"])
     mixture = TaskMixture(config, model)
     seen = {key.removeprefix("loss_") for _ in range(12)
-            for key in mixture.task("id")(model, batch, mixture.random).metrics if key.startswith("loss_")}
+            for key in mixture.task("image_decoding")(model, batch, mixture.generators).metrics if key.startswith("loss_")}
     assert seen == objectives
 
 
@@ -189,7 +194,7 @@ def test_contrastive_state_includes_momentum_encoders_and_queues(small_setup):
     assert {"stateful.contrastive.queue_text", "stateful.contrastive.queue_pointer"} <= set(keys)
     task = mixture.task("contrastive")
     before = task.queue_image.clone()
-    task(model, batch, mixture.random)
+    task(model, batch, mixture.generators)
     assert int(task.queue_pointer) == 8 and int(task.queue_filled) == 8
     assert not torch.equal(before[:8], task.queue_image[:8]) and torch.equal(before[8:], task.queue_image[8:])
 
@@ -201,20 +206,20 @@ def test_contrastive_aligns_only_the_configured_pairs(small_setup):
     metrics = {}
     for name, settings in (("all", config), ("two", two)):
         mixture = TaskMixture(settings, model)
-        metrics[name] = mixture.task("contrastive")(model, batch, mixture.random).metrics
+        metrics[name] = mixture.task("contrastive")(model, batch, mixture.generators).metrics
     assert {"t2i_accuracy", "i2a_accuracy", "a2i_accuracy"} <= set(metrics["all"])
     assert {"t2i_accuracy", "i2t_accuracy", "t2a_accuracy", "a2t_accuracy"} <= set(metrics["two"])
     assert "i2a_accuracy" not in metrics["two"] and "a2i_accuracy" not in metrics["two"]
 
 
-@pytest.mark.parametrize("name", ["td", "id"])
-def test_generation_tasks_condition_only_on_modalities_the_batch_has(small_setup, name):
+@pytest.mark.parametrize("name, source", [("text_decoding", "image"), ("image_decoding", "text")])
+def test_generation_tasks_condition_only_on_modalities_the_batch_has(small_setup, name, source):
     config, model, batch = small_setup
     text_image = {key: value for key, value in batch.items() if key != "audio"}  # a run with data.modalities [text, image]
     mixture = TaskMixture(config, model)
     seen = set()
     for _ in range(12):  # the old draw over all three conditions picked audio alone with p = 1/3 each time
-        output = mixture.task(name)(model, text_image, mixture.random)
+        output = mixture.task(name)(model, text_image, mixture.generators)
         assert torch.isfinite(output.loss)
         seen |= {key for key in output.metrics if key.startswith("accuracy_from_")}
-    assert seen <= {"accuracy_from_image"}  # td's only source without audio (id reports no source)
+    assert seen == {f"accuracy_from_{source}"}  # the one condition left without audio

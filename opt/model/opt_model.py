@@ -14,6 +14,7 @@ The model never computes a loss. Inputs follow the batch layout of
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from opt.model.decoders import ImageTokenDecoder, TextDecoder
 from opt.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
 from opt.model.io import load_weights, read_config, save_directory
 from opt.model.layers import init_weights
-from opt.model.vq import VQTokenizer, load_vq, save_vq
+from opt.model.vq import DOWNSAMPLE, VQTokenizer, load_vq, save_vq
 from opt.text.tokenizer import SPECIAL_IDS
 
 ITM_CLASSES = 5  # matched, image swapped, audio swapped, image+audio from one other, from two others
@@ -73,9 +74,15 @@ class ModelSpec:
 
     @property
     def image_codes(self) -> int:
-        return (self.image_size // 8) ** 2
+        """VQ codes per image (the VQ tokenizer's grid)."""
+        return (self.image_size // DOWNSAMPLE) ** 2
 
-
+    @property
+    def codes_per_patch_side(self) -> int:
+        """Masked vision modelling predicts k x k codes per hidden patch, k the patch's side in
+        VQ cells rounded (at least 1): 1 for 8-px patches, 2 for 16-px ones; smaller patches
+        predict the code of the cell they lie in."""
+        return max(1, round(self.model.vision.patch_size / DOWNSAMPLE))
 
 
 class LearnedScale(nn.Module):
@@ -132,7 +139,7 @@ class OPTModel(nn.Module):
             "mlm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
                                  nn.Linear(width, spec.vocab_size)),
             "mvm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
-                                 nn.Linear(width, config.vq.codebook_size)),
+                                 nn.Linear(width, config.vq.codebook_size * spec.codes_per_patch_side ** 2)),
             "mam": nn.Linear(width, config.audio.width),
             "itm": nn.Sequential(nn.Linear(width + len(TOWER_PAIRS), width), nn.GELU(), nn.Linear(width, ITM_CLASSES)),
         })
@@ -222,6 +229,21 @@ class OPTModel(nn.Module):
     def image_codes(self, pixels: torch.Tensor) -> torch.Tensor:
         """VQ codes (b, n) of images in [0, 1]."""
         return self.vq.to(pixels.device).encode(pixels)
+
+    @torch.no_grad()
+    def patch_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The VQ codes (b, n_codes) of each vision patch: (b, n_patches, k * k) with
+        k = ``spec.codes_per_patch_side``. The code grid is resampled (nearest) to k cells
+        per patch side; where the patch is a whole number of cells (or of cells per
+        patch) this is exact."""
+        patches_per_side = self.spec.image_size // self.spec.model.vision.patch_size
+        k = self.spec.codes_per_patch_side
+        side = math.isqrt(codes.shape[1])
+        grid = codes.view(-1, 1, side, side)
+        if side != patches_per_side * k:
+            grid = F.interpolate(grid.float(), size=(patches_per_side * k,) * 2, mode="nearest").long()
+        grid = grid.view(-1, patches_per_side, k, patches_per_side, k)  # (b, rows, k, columns, k)
+        return grid.permute(0, 1, 3, 2, 4).reshape(grid.shape[0], patches_per_side ** 2, k * k)
 
     @torch.no_grad()
     def decode_image_codes(self, codes: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,13 @@
-"""What every pretext task shares: its output type, random position selection
-and whole-modality masking.
+"""What every pretext task shares: its output type, the random generators it
+draws from, and random position selection.
 
 Randomness comes from two ``torch.Generator`` s owned by the task mixture (so a
-resumed run draws exactly what an uninterrupted one would): ``choice`` decides
-structure (which inputs a task uses, which decoding objective), is seeded the
-same on every process and is consumed by the same fixed-size draws there, so
-all processes use the same parameters in a step (data-parallel gradient
-reductions must match); ``mask`` draws masks and per-sample choices, seeded per
+resumed run draws exactly what an uninterrupted one would):
+:attr:`TaskGenerators.shared` decides structure (which inputs a task uses,
+which decoding objective), is seeded the same on every process and is consumed
+by the same fixed-size draws there, so all processes use the same parameters in
+a step (data-parallel gradient reductions must match);
+:attr:`TaskGenerators.local` draws masks and per-sample choices, seeded per
 process.
 """
 
@@ -16,13 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opt import MODALITIES
-
 
 @dataclass
-class TaskRandom:
-    choice: torch.Generator  # identical on every process: structural choices only
-    mask: torch.Generator  # per process: masks, swaps, per-sample draws
+class TaskGenerators:
+    shared: torch.Generator  # identical on every process: structural choices only
+    local: torch.Generator  # per process: masks, swaps, per-sample draws
 
 
 @dataclass
@@ -47,31 +46,6 @@ def select_positions(valid: torch.Tensor, rate: float, generator: torch.Generato
         lowest = scores.masked_fill(~valid, 2.0).argmin(dim=1)
         chosen[empty, lowest[empty]] = True
     return chosen
-
-
-def with_present(batch: dict, present: dict[str, torch.Tensor]) -> dict:
-    """A shallow copy of ``batch`` with new ``present`` flags for some modalities."""
-    out = dict(batch)
-    for modality, flags in present.items():
-        out[modality] = dict(batch[modality]) | {"present": flags}
-    return out
-
-
-def drop_modalities(batch: dict, keep: str, probability: float, generator: torch.Generator) -> dict:
-    """Whole-modality masking: for each sample, with ``probability`` hide one or both
-    of the modalities other than ``keep`` (uniformly among the non-empty subsets)."""
-    others = [m for m in MODALITIES if m != keep and m in batch]
-    if not others or probability <= 0:
-        return batch
-    size = len(batch["keys"])
-    subsets = [[m] for m in others] + ([others] if len(others) == 2 else [])
-    drop = uniform(size, generator) < probability
-    choice = torch.randint(len(subsets), (size,), generator=generator)
-    present = {}
-    for modality in others:
-        hidden = drop & torch.tensor([modality in subsets[c] for c in choice.tolist()])
-        present[modality] = batch[modality]["present"] & ~hidden.to(batch[modality]["present"].device)
-    return with_present(batch, present)
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -4,9 +4,10 @@
 configured weights. ``mode="sum"``: each step runs every task with a positive
 weight and adds the weighted losses. ``tasks.phases`` optionally runs other
 weights first (a curriculum): phase i covers its ``steps`` steps in order from
-step 0, and ``tasks.weights`` apply after the last phase. The mixture's random generators (which
-also draw every task's choices and masks) and the contrastive task's momentum
-encoders and queues are its state, saved in checkpoints.
+step 0, and ``tasks.weights`` apply after the last phase. The mixture's random
+generators (:class:`~opt.tasks.base.TaskGenerators`, which also draw every task's
+choices and masks) and the contrastive task's momentum encoders and queues are
+its state, saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from torch import nn
 
 from opt.config import GENERATION_CONDITIONS, TASK_NAMES, Config
 from opt.model.opt_model import OPTModel
-from opt.tasks.base import TaskOutput, TaskRandom
-from opt.tasks.modality import ImageDecoding, TextDecoding
-from opt.tasks.sample import ContrastiveAlignment, ImageTextAudioMatching
-from opt.tasks.token import MaskedAudioModeling, MaskedLanguageModeling, MaskedVisionModeling
+from opt.tasks.base import TaskGenerators, TaskOutput
+from opt.tasks.modality_level import ImageDecoding, TextDecoding
+from opt.tasks.sample_level import ContrastiveAlignment, ImageTextAudioMatching
+from opt.tasks.token_level import MaskedAudioModeling, MaskedLanguageModeling, MaskedVisionModeling
 
-NEEDS = {"mlm": {"text"}, "mvm": {"image"}, "mam": {"audio"}, "td": {"text"}, "id": {"image"},
+NEEDS = {"mlm": {"text"}, "mvm": {"image"}, "mam": {"audio"}, "text_decoding": {"text"}, "image_decoding": {"image"},
          "itm": {"text", "image", "audio"}, "contrastive": set()}
 
 
@@ -32,8 +33,8 @@ def build_tasks(config: Config, model: OPTModel) -> dict:
         "mlm": lambda: MaskedLanguageModeling(settings),
         "mvm": lambda: MaskedVisionModeling(settings),
         "mam": lambda: MaskedAudioModeling(settings),
-        "td": lambda: TextDecoding(settings, label_smoothing=config.model.text_decoder.label_smoothing),
-        "id": lambda: ImageDecoding(settings),
+        "text_decoding": lambda: TextDecoding(settings, label_smoothing=config.model.text_decoder.label_smoothing),
+        "image_decoding": lambda: ImageDecoding(settings),
         "itm": lambda: ImageTextAudioMatching(settings),
         "contrastive": lambda: ContrastiveAlignment(settings, model),
     }
@@ -66,8 +67,9 @@ class TaskMixture(nn.Module):
         self.mode = config.tasks.mode
         if rank is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.random = TaskRandom(choice=torch.Generator().manual_seed(config.train.seed + 1),
-                                 mask=torch.Generator().manual_seed(config.train.seed + 1 + 1000 * (rank + 1)))
+        self.generators = TaskGenerators(
+            shared=torch.Generator().manual_seed(config.train.seed + 1),
+            local=torch.Generator().manual_seed(config.train.seed + 1 + 1000 * (rank + 1)))
 
     def _weights(self, weights: dict[str, float]) -> torch.Tensor:
         values = torch.tensor([float(weights.get(n, 0.0)) for n in self.names])
@@ -88,7 +90,7 @@ class TaskMixture(nn.Module):
         weights, _ = self.phase_at(step)
         if self.mode == "sum":
             return [n for n, w in zip(self.names, weights.tolist()) if w > 0]
-        index = int(torch.multinomial(weights, 1, generator=self.random.choice))
+        index = int(torch.multinomial(weights, 1, generator=self.generators.shared))
         return [self.names[index]]
 
     def forward(self, model: OPTModel, batch: dict, step: int = 0) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
@@ -97,7 +99,7 @@ class TaskMixture(nn.Module):
         weights, conditions = self.phase_at(step)
         for name in self.choose(step):
             options = {"conditions": conditions[name]} if name in conditions else {}
-            output: TaskOutput = self.task(name)(model, batch, self.random, **options)
+            output: TaskOutput = self.task(name)(model, batch, self.generators, **options)
             weight = 1.0 if self.mode == "sample" else float(weights[self.names.index(name)])
             total = output.loss * weight if total is None else total + output.loss * weight
             metrics[name] = output.metrics
@@ -116,10 +118,10 @@ class TaskMixture(nn.Module):
         try:
             for name in self.names:
                 generator.manual_seed(seed)
-                random = TaskRandom(choice=generator, mask=generator)
+                generators = TaskGenerators(shared=generator, local=generator)
                 for batch in batches:
-                    for metric, value in self.task(name)(model, batch, random).metrics.items():
-                        key = f"{name}/{metric}"  # some metrics exist only for some draws (e.g. td's sources)
+                    for metric, value in self.task(name)(model, batch, generators).metrics.items():
+                        key = f"{name}/{metric}"  # some metrics exist only for some draws (text decoding's sources)
                         sums[key] = sums.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
         finally:
@@ -129,8 +131,9 @@ class TaskMixture(nn.Module):
 
     def extra_state(self) -> dict:
         """The generators' states (the modules' state is in ``state_dict``)."""
-        return {"choice": self.random.choice.get_state(), "mask": self.random.mask.get_state()}
+        return {"shared": self.generators.shared.get_state(), "local": self.generators.local.get_state()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.random.choice.set_state(state["choice"])
-        self.random.mask.set_state(state["mask"])
+        """Also reads checkpoints that named the generators ``choice`` and ``mask``."""
+        self.generators.shared.set_state(state["shared"] if "shared" in state else state["choice"])
+        self.generators.local.set_state(state["local"] if "local" in state else state["mask"])

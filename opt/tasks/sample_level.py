@@ -35,7 +35,8 @@ from torch import nn
 from opt import MODALITIES, TOWER_PAIRS, pair_name
 from opt.config import TasksConfig
 from opt.model.opt_model import OPTModel
-from opt.tasks.base import TaskOutput, TaskRandom, accuracy, uniform, with_present
+from opt.tasks.base import TaskGenerators, TaskOutput, accuracy, uniform
+from opt.tasks.modality_level import with_present
 
 
 def itm_assignment(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,12 +67,12 @@ class ImageTextAudioMatching:
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
+    def __call__(self, model: OPTModel, batch: dict, generators: TaskGenerators) -> TaskOutput:
         size = len(batch["keys"])
-        labels, image_from, audio_from = itm_assignment(size, random.mask)
+        labels, image_from, audio_from = itm_assignment(size, generators.local)
         mixed = dict(batch) | {"image": _gather(batch["image"], image_from), "audio": _gather(batch["audio"], audio_from)}
-        drop = uniform(size, random.mask) < self.config.itm_modality_drop
-        drop_image = drop & (uniform(size, random.mask) < 0.5)
+        drop = uniform(size, generators.local) < self.config.itm_modality_drop
+        drop_image = drop & (uniform(size, generators.local) < 0.5)
         drop_audio = drop & ~drop_image
         index = torch.arange(size)
         labels = torch.where(drop_image, torch.where(audio_from == index, 0, 2), labels)
@@ -150,7 +151,7 @@ class ContrastiveAlignment(nn.Module):
         loss = torch.sum(-targets * logits.log_softmax(-1), dim=-1).mean()
         return loss, accuracy(logits[:, : queries.shape[0]], labels)
 
-    def forward(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
+    def forward(self, model: OPTModel, batch: dict, generators: TaskGenerators) -> TaskOutput:
         if self.training:  # validation leaves the momentum encoders and queues as they are
             self._update_momentum(model)
         queries = {m: e.float() for m, e in model.tower_embeddings(model.encode_unimodal(batch)).items()}

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from opt.config import TasksConfig
 from opt.model.opt_model import OPTModel
-from opt.tasks.base import TaskOutput, TaskRandom, accuracy, drop_modalities, select_positions, uniform
+from opt.tasks.base import TaskGenerators, TaskOutput, accuracy, select_positions, uniform
+from opt.tasks.modality_level import drop_modalities
 
 FIRST_ORDINARY_ID = 7  # ids below are special tokens (pad, unk, bos, eos, mask, cls, sep)
 
@@ -42,8 +43,8 @@ class MaskedLanguageModeling:
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
-        generator = random.mask
+    def __call__(self, model: OPTModel, batch: dict, generators: TaskGenerators) -> TaskOutput:
+        generator = generators.local
         spec = model.spec
         text = batch["text"]
         content = text["mask"] & (text["ids"] >= FIRST_ORDINARY_ID) & text["present"][:, None]
@@ -58,23 +59,24 @@ class MaskedLanguageModeling:
 
 
 class MaskedVisionModeling:
-    """Hidden 8 x 8 patches are predicted as the VQ codes of the same grid cells."""
+    """Hidden patches are predicted as the VQ codes of the grid cells they cover
+    (:meth:`~opt.model.opt_model.OPTModel.patch_codes`: one code per 8-px patch)."""
 
     name = "mvm"
 
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
-        generator = random.mask
+    def __call__(self, model: OPTModel, batch: dict, generators: TaskGenerators) -> TaskOutput:
+        generator = generators.local
         image = batch["image"]
-        codes = model.image_codes(image["pixels"])  # (b, 64)
-        valid = image["present"][:, None].expand_as(codes)
+        codes = model.patch_codes(model.image_codes(image["pixels"]))  # (b, patches, k * k)
+        valid = image["present"][:, None].expand(codes.shape[:2])
         hidden = select_positions(valid, self.config.mvm_rate, generator)
         batch = drop_modalities(batch, "image", self.config.modality_drop, generator)
         fused = model.fuse(model.encode_unimodal(batch, hide_patches=hidden))
-        logits = model.heads["mvm"](_span(fused, "image")[hidden]).float()
-        targets = codes[hidden]
+        targets = codes[hidden].reshape(-1)  # (m * k * k,)
+        logits = model.heads["mvm"](_span(fused, "image")[hidden]).float().reshape(targets.shape[0], -1)
         loss = F.cross_entropy(logits, targets)
         return TaskOutput(loss, {"loss": loss.item(), "accuracy": accuracy(logits, targets)})
 
@@ -97,8 +99,8 @@ class MaskedAudioModeling:
     def __init__(self, config: TasksConfig) -> None:
         self.config = config
 
-    def __call__(self, model: OPTModel, batch: dict, random: TaskRandom) -> TaskOutput:
-        generator = random.mask
+    def __call__(self, model: OPTModel, batch: dict, generators: TaskGenerators) -> TaskOutput:
+        generator = generators.local
         valid = model.audio_frames(batch)
         hidden = select_positions(valid, self.config.mam_rate, generator)
         batch = drop_modalities(batch, "audio", self.config.modality_drop, generator)
