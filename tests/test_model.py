@@ -23,6 +23,7 @@ from opt.model.generation import (
 from opt.model.layers import Attention, attention_mask, distance_bias, with_bias
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.model.summary import count_flops, dummy_batch, parameter_counts, training_step_flops
+from opt.tasks.mixture import TaskMixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -453,3 +454,29 @@ def test_distance_bias_is_alibi_and_keeps_padded_keys_out():
     additive = with_bias(attention_mask(keys, 5), bias, torch.float32)
     assert additive.shape == (1, 4, 5, 5)
     assert additive[..., 3:].eq(float("-inf")).all() and additive[..., :3].isfinite().all()
+
+
+@pytest.mark.parametrize("patch_size", [4, 8, 16])
+def test_patch_codes_are_the_vq_cells_each_patch_covers(tokenizer, patch_size):
+    model, _ = small_model(tokenizer, f"model.vision.patch_size={patch_size}")
+    codes = torch.arange(2 * 64).reshape(2, 64)  # an 8 x 8 code grid per image, every code distinct
+    per_patch = model.patch_codes(codes)
+    patches_per_side = 64 // patch_size
+    assert per_patch.shape == (2, patches_per_side ** 2, max(1, patch_size // 8) ** 2)
+    grid = codes.view(2, 8, 8)
+    for row, column in [(0, 0), (1, 0), (patches_per_side - 1, patches_per_side - 2)]:
+        top, left = row * patch_size // 8, column * patch_size // 8  # the first VQ cell under the patch
+        cells = max(1, patch_size // 8)
+        expected = grid[:, top:top + cells, left:left + cells].reshape(2, -1)
+        assert torch.equal(per_patch[:, row * patches_per_side + column], expected)
+
+
+def test_masked_vision_modelling_trains_with_16_pixel_patches(tokenizer, world):
+    model, config = small_model(tokenizer, "model.vision.patch_size=16", "model.vision.stem=conv")
+    loader = BatchLoader(f"{world}/val-*.tar", config.data, config.audio, tokenizer, train=False)
+    batch = next(iter(loader))
+    mixture = TaskMixture(config, model.train())
+    output = mixture.task("mvm")(model, batch, mixture.generators)
+    assert torch.isfinite(output.loss) and model.encoders["image"].patches == 16
+    output.loss.backward()
+    assert model.heads["mvm"][-1].weight.grad.abs().sum() > 0 and model.heads["mvm"][-1].out_features == 4 * 64

@@ -1,4 +1,4 @@
-"""The synthetic world follows its spec (WORLD.md)."""
+"""The synthetic world follows its spec (docs/world.md)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -102,6 +101,7 @@ class Trainer:
         self.mixture = TaskMixture(config, model)
         optimizer, scheduler = build_optimizer(model, config)
         self.backend = DeepSpeedBackend(model, optimizer, scheduler, config)
+        self.checkpoints = checkpoints.CheckpointStore(run, self.backend, keep=config.train.keep_checkpoints)
         self.model: OPTModel = self.backend.module
         self.mixture.to(self.device)
         for task in self.mixture.stateful.values():
@@ -116,7 +116,7 @@ class Trainer:
         if resume == "auto":
             self._resume_newest()
         elif resume != "none":
-            self._load(Path(resume))
+            self.checkpoints.load(resume, self._restore)
 
     # -- run directory and checkpoints ---------------------------------------------------------
 
@@ -137,21 +137,10 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        temporary = checkpoints.temporary_path(self.run, self.step)
-        if self.is_main:
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
-        self.backend.barrier()
-        self.backend.save(temporary, self._client_state())
-        self.backend.barrier()
-        final = checkpoints.checkpoint_root(self.run) / checkpoints.checkpoint_name(self.step)
-        if self.is_main:
-            final = checkpoints.finalize(self.run, self.step, self.config.train.keep_checkpoints)
-        self.backend.barrier()
-        return final
+        return self.checkpoints.save(self.step, self._client_state())
 
-    def _load(self, directory: Path) -> None:
-        state = self.backend.load(directory)
+    def _restore(self, state: dict) -> None:
+        """Apply a checkpoint's client state (DeepSpeed has loaded its own part)."""
         self.step, self.consumed = state["step"], state["consumed"]
         self.nonfinite = dict(state["nonfinite"])
         self.mixture.load_state_dict(state["mixture"])
@@ -161,15 +150,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def _resume_newest(self) -> None:
-        for directory in checkpoints.list_checkpoints(self.run):
-            try:
-                self._load(directory)
-            except Exception as error:  # an unreadable checkpoint: fall back to the previous one
-                tqdm.write(f"warning: checkpoint {directory} is unreadable ({type(error).__name__}: {error}); "
-                           "trying the previous one")
-                continue
+        directory = self.checkpoints.resume_newest(self._restore)
+        if directory is not None:
             tqdm.write(f"resumed from {directory} at step {self.step}")
-            return
 
     # -- training ------------------------------------------------------------------------------
 
