@@ -11,6 +11,7 @@ import json
 
 from opt.downstream.captioning import INPUTS, caption_metrics, caption_split
 from opt.downstream.common import load_model
+from opt.downstream.plugins import PLUGINS
 
 COLUMNS = ("attribute_accuracy", "bleu_4", "meteor", "rouge_l", "cider", "wer")
 
@@ -27,7 +28,7 @@ def main() -> None:
     results = {}
     for inputs in INPUTS:
         captions = caption_split(loaded, args.data, inputs, beam=args.beam, limit=args.limit)
-        results[inputs] = caption_metrics(captions, inputs)
+        results[inputs] = caption_metrics(captions, inputs, plugins=PLUGINS)
     print("| inputs | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for inputs, metrics in results.items():

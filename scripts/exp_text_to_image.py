@@ -13,6 +13,7 @@ import json
 import time
 
 from opt.downstream.common import encode_split, load_model
+from opt.downstream.plugins import PLUGINS
 from opt.downstream.text_to_image import evaluate_text_to_image
 
 COLUMNS = ("attribute_accuracy", "attribute_color", "attribute_position_or_relation", "attribute_size",
@@ -35,7 +36,8 @@ def main() -> None:
     for decoding, steps, guidance, candidates in SETTINGS:
         start = time.perf_counter()
         metrics, _, _ = evaluate_text_to_image(loaded, split, count=args.count, decoding=decoding,
-                                               steps=steps or 12, guidance=guidance, candidates=candidates)
+                                               steps=steps or 12, guidance=guidance, candidates=candidates,
+                                               plugins=PLUGINS)
         metrics["seconds"] = time.perf_counter() - start
         steps = steps or split.unimodal["image"]["tokens"].shape[1]
         rows[f"{decoding} (steps {steps}, guidance {guidance}, best of {candidates})"] = metrics

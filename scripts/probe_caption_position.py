@@ -21,10 +21,10 @@ import json
 
 import torch
 
+from opt.data.world.attributes import aggregate, parse_caption, score_caption
 from opt.data.world.facts import POSITIONS
 from opt.downstream.captioning import caption_batch
 from opt.downstream.common import iterate_batches, load_model
-from opt.downstream.world_attributes import aggregate, parse_caption, score_caption
 from opt.errors import UserError
 
 # transform name -> (image axis to flip or None, how positions and relations map)

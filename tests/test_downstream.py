@@ -177,6 +177,30 @@ def test_prompt_agreement_is_the_captioners_log_likelihood_of_the_prompt(encoded
     assert (agreement < 0).all() and torch.allclose(agreement, expected, atol=1e-3)
 
 
+def test_prompt_batches_are_the_pipelines_batches_of_the_same_captions_and_speech(encoded, world):
+    """Prompts are decoded and collated as training reads shards: prompting with the captions
+    and speech of a shard's samples gives the tensors the pipeline gives for those samples."""
+    import tarfile
+
+    from opt.downstream.common import iterate_batches
+    from opt.downstream.text_to_image import prompt_batch
+
+    loaded, _ = encoded
+    shard = sorted(world.glob("test-*.tar"))[0]
+    read = next(iterate_batches(loaded, str(shard), batch_size=5, limit=5))
+    with tarfile.open(shard) as tar:
+        speech = {m.name.removesuffix(".wav"): tar.extractfile(m).read() for m in tar if m.name.endswith(".wav")}
+    text_only = prompt_batch(loaded, read["captions"])
+    with_speech = prompt_batch(loaded, read["captions"], [speech[key] for key in read["keys"]])
+    assert set(text_only) - {"keys", "captions", "meta"} == {"text"} and "image" not in with_speech
+    for batch in (text_only, with_speech):
+        for name, tensor in read["text"].items():
+            assert torch.equal(batch["text"][name], tensor), name
+    for name, tensor in read["audio"].items():
+        assert torch.equal(with_speech["audio"][name], tensor), name
+    assert with_speech["captions"] == read["captions"]
+
+
 @pytest.mark.parametrize("rows_at_once", [256, 8])  # 8: two prompts of 4 candidates, then the third
 def test_best_of_candidates_keeps_each_prompts_highest_scoring_sample(encoded, monkeypatch, rows_at_once):
     from opt.downstream import text_to_image
@@ -208,7 +232,7 @@ def test_cli_decoding_defaults_are_the_librarys(command):
     import inspect
 
     from opt.cli import build_parser
-    from opt.downstream.report import EvalSettings
+    from opt.downstream.evaluate import EvalSettings
     from opt.downstream.text_to_image import generate_images
 
     source = ["--prompt", "p"] if command == "generate" else ["--data", "d"]

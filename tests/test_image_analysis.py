@@ -7,8 +7,8 @@ import pytest
 from PIL import ImageFilter
 
 from opt.data.world.facts import COLORS, POSITIONS, REFERENCE_SIZE, Scene, WorldObject, sample_scene
+from opt.data.world.image_analysis import analyse_image, find_objects, score_image
 from opt.data.world.render import render
-from opt.downstream.image_analysis import analyse_image, find_objects, score_image
 
 
 def rendered(count: int, image_size: int = 64, seed: int = 0):

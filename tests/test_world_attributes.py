@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from opt.data.world.attributes import aggregate, parse_caption, score_caption
 from opt.data.world.captions import POSITION_PHRASES, caption
 from opt.data.world.facts import COLORS, SHAPES, SIZES, sample_scene
-from opt.downstream.world_attributes import aggregate, parse_caption, score_caption
 
 ATTRIBUTE_VALUES = {"size": list(SIZES), "color": list(COLORS), "shape": list(SHAPES)}
 

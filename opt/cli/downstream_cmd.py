@@ -101,6 +101,7 @@ def _print_metrics(title: str, metrics: dict) -> None:
 
 def run_caption(args: argparse.Namespace) -> None:
     from opt.downstream.captioning import caption_metrics, caption_split, parse_inputs
+    from opt.downstream.plugins import PLUGINS
     from opt.files import write_atomic
 
     parse_inputs(args.inputs)
@@ -109,7 +110,7 @@ def run_caption(args: argparse.Namespace) -> None:
     write_atomic(args.out, lines.encode())
     print(f"caption: {len(captions)} captions -> {args.out}")
     if args.references:
-        metrics = caption_metrics(captions, args.inputs)
+        metrics = caption_metrics(captions, args.inputs, plugins=PLUGINS)
         write_atomic(Path(args.out).with_suffix(".metrics.json"), json.dumps(metrics, indent=2).encode())
         _print_metrics("metrics", metrics)
 
@@ -179,7 +180,8 @@ def run_retrieve(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from opt.downstream.report import EvalSettings, evaluate_model
+    from opt.downstream.evaluate import EvalSettings, evaluate_directory
+    from opt.downstream.report import split_names
 
     curves = None
     if args.run_dir:
@@ -191,14 +193,13 @@ def run_eval(args: argparse.Namespace) -> None:
                             generate_count=args.generate_count, decoding=args.decoding, steps=args.steps,
                             guidance=args.guidance, candidates=args.candidates, seed=args.seed,
                             with_meteor=args.meteor)
-    results = evaluate_model(_load(args), args.data, args.out, settings=settings, curves=curves,
-                             model_name=Path(args.model).name)
-    for split in ("test", "test_novel"):
-        if split in results:
-            retrieval = results[split]["retrieval"]
-            captions = results[split]["captioning"]
-            print(f"{split}: a2t R@1 {retrieval['a2t']['r1']:.3f}, t2i R@1 {retrieval['t2i']['r1']:.3f}, "
-                  f"caption attributes image {captions['image'].get('attribute_accuracy', float('nan')):.3f} "
-                  f"audio {captions['audio'].get('attribute_accuracy', float('nan')):.3f}, text-to-image "
-                  f"attributes {results[split]['text_to_image']['text'].get('attribute_accuracy', float('nan')):.3f}")
+    results = evaluate_directory(_load(args), args.data, args.out, settings=settings, curves=curves,
+                                 model_name=Path(args.model).name)
+    for split in split_names(results):
+        retrieval = results[split]["retrieval"]
+        captions = results[split]["captioning"]
+        print(f"{split}: a2t R@1 {retrieval['a2t']['r1']:.3f}, t2i R@1 {retrieval['t2i']['r1']:.3f}, "
+              f"caption attributes image {captions['image'].get('attribute_accuracy', float('nan')):.3f} "
+              f"audio {captions['audio'].get('attribute_accuracy', float('nan')):.3f}, text-to-image "
+              f"attributes {results[split]['text_to_image']['text'].get('attribute_accuracy', float('nan')):.3f}")
     print(f"eval: report in {Path(args.out) / 'report.md'}")

@@ -3,20 +3,22 @@ tokens of the given inputs (greedy, or beam search with ``beam`` > 1).
 
 Audio-only captioning is speech recognition, so it also reports the word
 error rate. With references (the shard captions by default) it reports the
-COCO caption metrics, and on the synthetic world the attribute accuracy: the
-fraction of objects whose size, colour, shape and position/relation the
-caption states correctly against ``KEY.json``.
+COCO caption metrics, and each dataset plug-in given
+(:mod:`opt.downstream.plugins`) adds its own: on the synthetic world the
+attribute accuracy, the fraction of objects whose size, colour, shape and
+position/relation the caption states correctly against ``KEY.json``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from opt.downstream.caption_metrics import caption_scores, word_error_rate
 from opt.downstream.common import LoadedModel, iterate_batches
-from opt.downstream.world_attributes import aggregate, score_caption
+from opt.downstream.plugins import EvaluationPlugin
 from opt.errors import UserError
 from opt.model.generation import beam_search, generate_text
 
@@ -28,7 +30,7 @@ class Caption:
     key: str
     caption: str
     reference: str
-    facts: dict | None  # the world's facts when the sample has them
+    meta: dict  # the sample's metadata (KEY.json), read by dataset plug-ins
 
 
 def parse_inputs(inputs: str) -> tuple[str, ...]:
@@ -61,13 +63,13 @@ def caption_split(loaded: LoadedModel, data: str, inputs: str, *, beam: int = 1,
         for key, caption, reference, meta, ok in zip(batch["keys"], captions, batch["captions"], batch["meta"],
                                                      present):
             if ok:
-                facts = meta if isinstance(meta, dict) and "objects" in meta else None
-                out.append(Caption(key, caption, reference or "", facts))
+                out.append(Caption(key, caption, reference or "", meta))
     return out
 
 
-def caption_metrics(captions: list[Caption], inputs: str, *, with_meteor: bool = True) -> dict[str, float]:
-    """COCO metrics against the references, attribute accuracy where facts exist, WER for audio."""
+def caption_metrics(captions: list[Caption], inputs: str, *, with_meteor: bool = True,
+                    plugins: Sequence[EvaluationPlugin] = ()) -> dict[str, float]:
+    """COCO metrics against the references, WER for audio, then each plug-in's metrics."""
     scored = [c for c in captions if c.reference]
     metrics: dict[str, float] = {"n": len(captions)}
     if scored:
@@ -76,9 +78,6 @@ def caption_metrics(captions: list[Caption], inputs: str, *, with_meteor: bool =
         metrics |= caption_scores(predictions, references, with_meteor=with_meteor)
         if inputs == "audio":
             metrics["wer"] = word_error_rate(predictions, {c.key: c.reference for c in scored})
-    with_facts = [c for c in captions if c.facts]
-    if with_facts:
-        attributes = aggregate(score_caption(c.caption, c.facts) for c in with_facts)
-        metrics["attribute_accuracy"] = attributes["overall"]
-        metrics |= {f"attribute_{name}": value for name, value in attributes.items() if name != "overall"}
+    for plugin in plugins:
+        metrics |= plugin.caption_metrics([c.caption for c in captions], [c.meta for c in captions])
     return metrics

@@ -6,6 +6,7 @@ CPU, so retrieval can score every candidate and re-rank with the cross encoder).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -41,10 +42,11 @@ def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
     return LoadedModel(model, TextTokenizer.from_file(directory / "tokenizer.model"), target)
 
 
-def data_settings(loaded: LoadedModel, *, batch_size: int = 64, workers: int = 0) -> DataConfig:
-    """Data settings that read shards exactly as the model was trained to see them."""
+def data_settings(loaded: LoadedModel, *, batch_size: int = 64, workers: int = 0,
+                  modalities: Sequence[str] = MODALITIES) -> DataConfig:
+    """Data settings that read ``modalities`` exactly as the model was trained to see them."""
     spec = loaded.model.spec
-    return DataConfig(modalities=list(MODALITIES), image_size=spec.image_size, max_text_tokens=spec.max_text_tokens,
+    return DataConfig(modalities=list(modalities), image_size=spec.image_size, max_text_tokens=spec.max_text_tokens,
                       batch_size=batch_size, workers=workers)
 
 

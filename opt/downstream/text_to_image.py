@@ -6,26 +6,28 @@ classifier-free guidance ``guidance`` (1 = off). With ``candidates`` > 1 each
 image is the best of that many samples by the model's own reading of them (as
 DALL-E re-ranked its samples with CLIP): the text decoder's log P(prompt |
 candidate image), i.e. how likely the model's captioner finds the prompt as a
-caption of what was drawn. Evaluation on the synthetic world prompts with the
-test captions and scores each picture by the fixed analyser of
-:mod:`opt.downstream.image_analysis` against the caption's facts (not by the
-model under test), plus R-precision: how often the model's own towers rank the
-prompt first among itself and 99 other prompts.
+caption of what was drawn. Evaluation prompts with a split's captions and
+reports R-precision: how often the model's own towers rank the prompt first
+among itself and 99 other prompts; dataset plug-ins add their own scores of the
+pictures (on the synthetic world, the fixed analyser of
+:mod:`opt.data.world.image_analysis` against the caption's facts, not the model
+under test). Prompts are decoded and collated as training reads shards
+(:class:`~opt.data.samples.SampleDecoder`, :class:`~opt.data.batch.Collator`).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from opt.data.audio import AudioFrontEnd, pad_frames
-from opt.data.batch import batch_rows, to_device
-from opt.downstream.common import EncodedSplit, LoadedModel, caption_log_likelihood
-from opt.downstream.image_analysis import score_image
-from opt.downstream.world_attributes import aggregate
+from opt.data.batch import Collator, batch_rows, to_device
+from opt.data.samples import SampleDecoder, SkipSample
+from opt.downstream.common import EncodedSplit, LoadedModel, caption_log_likelihood, data_settings
+from opt.downstream.plugins import EvaluationPlugin
 from opt.errors import UserError
 from opt.files import write_atomic
 from opt.model.generation import generate_image_codes_autoregressive, generate_image_codes_parallel
@@ -40,21 +42,21 @@ CANDIDATE_ROWS = 256  # prompts x candidates drawn at once, which bounds the mem
 
 
 def prompt_batch(loaded: LoadedModel, prompts: list[str], audio: list[bytes] | None = None) -> dict:
-    """A batch with the prompts' text (and, when given, one audio clip per prompt)."""
-    tokenizer, spec = loaded.tokenizer, loaded.model.spec
-    ids = [tokenizer.encode(p, max_length=spec.max_text_tokens) for p in prompts]
-    longest = max(len(i) for i in ids)
-    tensor = torch.full((len(ids), longest), tokenizer.pad_id, dtype=torch.long)
-    for row, values in enumerate(ids):
-        tensor[row, : len(values)] = torch.tensor(values)
-    present = torch.ones(len(ids), dtype=torch.bool)
-    batch = {"keys": [str(i) for i in range(len(ids))],
-             "text": {"ids": tensor, "mask": tensor != tokenizer.pad_id, "present": present}}
-    if audio is not None:
-        front = AudioFrontEnd(spec.audio)
-        features, mask = pad_frames([front.features(front.waveform(clip).samples) for clip in audio],
-                                    spec.audio.n_mels)
-        batch["audio"] = {"features": features, "mask": mask, "present": present}
+    """A batch with the prompts' text (and, when given, one audio clip per prompt), decoded and
+    collated exactly as training and evaluation read a shard's captions and speech."""
+    modalities = ["text"] if audio is None else ["text", "audio"]
+    spec = loaded.model.spec
+    decode = SampleDecoder(data_settings(loaded, modalities=modalities), spec.audio, loaded.tokenizer)
+    samples = []
+    for row, prompt in enumerate(prompts):
+        raw = {"__key__": str(row), "txt": prompt.encode("utf-8")}
+        if audio is not None:
+            raw["wav"] = audio[row]  # the member name only finds it: the bytes tell their format
+        try:
+            samples.append(decode(raw))
+        except SkipSample as skip:
+            raise UserError(f"prompt {row + 1} cannot be read: {skip.reason}") from None
+    batch = Collator(modalities, loaded.tokenizer.pad_id, spec.audio.n_mels)(samples)
     return to_device(batch, loaded.device)
 
 
@@ -159,9 +161,11 @@ def r_precision(loaded: LoadedModel, images: torch.Tensor, split: EncodedSplit, 
 
 def evaluate_text_to_image(loaded: LoadedModel, split: EncodedSplit, *, count: int = 64, batch_size: int = 32,
                            decoding: str = DEFAULT_DECODING, steps: int = 12, guidance: float = 3.0,
-                           temperature: float = 1.0, candidates: int = DEFAULT_CANDIDATES,
-                           seed: int = 0) -> tuple[dict[str, float], torch.Tensor, list[str]]:
-    """Generate from the first ``count`` captions of ``split`` and score the pictures.
+                           temperature: float = 1.0, candidates: int = DEFAULT_CANDIDATES, seed: int = 0,
+                           plugins: Sequence[EvaluationPlugin] = ()
+                           ) -> tuple[dict[str, float], torch.Tensor, list[str]]:
+    """Generate from the first ``count`` captions of ``split`` and score the pictures: each
+    plug-in's metrics, then R-precision.
 
     Returns the metrics, the images and their prompts.
     """
@@ -175,10 +179,9 @@ def evaluate_text_to_image(loaded: LoadedModel, split: EncodedSplit, *, count: i
     ])
     metrics: dict[str, float | str] = {"n": len(prompts), "decoding": decoding, "guidance": guidance,
                                        "candidates": candidates}
-    facts = [split.meta[i] for i in rows.tolist()]
-    if all("objects" in f for f in facts):
-        scores = aggregate(score_image(to_uint8(image), f) for image, f in zip(images, facts))
-        metrics["attribute_accuracy"] = scores.pop("overall")
-        metrics |= {f"attribute_{name}": value for name, value in scores.items()}
+    pictures = [to_uint8(image) for image in images] if plugins else []
+    metas = [split.meta[i] for i in rows.tolist()]
+    for plugin in plugins:
+        metrics |= plugin.image_metrics(pictures, metas)
     metrics["r_precision"] = r_precision(loaded, images, split, rows, seed=seed)
     return metrics, images, prompts
