@@ -71,7 +71,8 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(train_overrides
     trainer = Trainer(config, tmp_path, progress=False)
     assert trainer.step == 2
     captured = capsys.readouterr()
-    assert f"checkpoint {newest} is unreadable" in captured.out + captured.err
+    assert f"checkpoint {newest} cannot be used" in captured.out + captured.err
+    assert (tmp_path / "checkpoints" / "corrupt" / newest.name).is_dir()
 
 
 def test_nan_guard_skips_then_stops_with_a_checkpoint(train_overrides, tmp_path, monkeypatch):

@@ -164,7 +164,7 @@ def test_counts_are_summed_across_worker_processes(bad_shard, tokenizer, tmp_pat
     assert two.stats.skipped == one.stats.skipped + one.stats.skipped
 
 
-def test_decoded_sample_cache_gives_the_same_stream_and_counts_decoding_each_sample_once(bad_shard, tokenizer,
+def test_decoded_sample_cache_gives_the_same_stream_and_each_skip_is_counted_once(bad_shard, tokenizer,
                                                                                        monkeypatch):
     from opt.data.samples import SampleDecoder
 
@@ -188,7 +188,8 @@ def test_decoded_sample_cache_gives_the_same_stream_and_counts_decoding_each_sam
         assert torch.equal(a["image"]["pixels"], b["image"]["pixels"])
         assert torch.equal(a["audio"]["features"], b["audio"]["features"])
     skips_per_pass = sum(kind == "skip" for _, (kind, _) in bad_cases({"png": b"", "wav": b""}).values())
-    assert plain_stats.skipped == cached_stats.skipped and sum(plain_stats.skipped.values()) > skips_per_pass
+    # each bad sample counted once, though the stream met it on every pass
+    assert plain_stats.skipped == cached_stats.skipped and sum(plain_stats.skipped.values()) == skips_per_pass
     assert max(plain_calls.values()) > 1 and set(cached_calls.values()) == {1}
 
 
@@ -233,3 +234,19 @@ def test_shard_specs_accept_directories_globs_and_braces(world):
         resolve_shards(f"{world}/nothing-*.tar")
     with pytest.raises(UserError, match="no such shard"):
         resolve_shards(f"{world}/missing.tar")
+
+
+def test_a_member_carrying_another_samples_key_is_a_counted_duplicate(world, tokenizer, tmp_path):
+    goods = world_samples(world, 4)
+    path = tmp_path / "dup-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        members = [(f"s{i}", extension, data) for i, good in enumerate(goods) for extension, data in good.items()]
+        members.append(("s1", "txt", b"a stray caption filed under the second sample's key"))
+        for key, extension, data in members:
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    loader = bad_loader(str(path), tokenizer)
+    _, keys = collect(loader)
+    assert sorted(keys) == ["s0", "s1", "s2", "s3"]  # not five samples with s1 twice
+    assert loader.stats.skipped == {"duplicate_key": 1}

@@ -29,27 +29,44 @@ from opt.text.tokenizer import TextTokenizer
 
 @dataclass
 class DataStats:
-    """Counts of skipped samples and of repairs, by reason."""
+    """What the pipeline skipped and repaired.
 
-    skipped: Counter = field(default_factory=Counter)
+    A skipped sample is counted once however often a resampled stream meets it
+    (``skips`` holds each one's shard and key, so counts from several worker
+    processes merge without double counting); repairs are counted each time a
+    sample is decoded; ``samples`` counts samples delivered in batches.
+    """
+
+    skips: dict[tuple[str, str], str] = field(default_factory=dict)  # (shard, key) -> reason
     repaired: Counter = field(default_factory=Counter)
-    samples: int = 0  # samples delivered in batches
+    samples: int = 0
+
+    @property
+    def skipped(self) -> Counter:
+        """Skipped samples by reason."""
+        return Counter(self.skips.values())
 
     def add(self, other: "DataStats") -> None:
-        self.skipped.update(other.skipped)
+        self.skips.update(other.skips)
         self.repaired.update(other.repaired)
         self.samples += other.samples
 
     def take(self) -> "DataStats":
         """Return the counts so far and reset them (used to ship deltas from workers)."""
-        taken = DataStats(self.skipped, self.repaired, self.samples)
-        self.skipped, self.repaired, self.samples = Counter(), Counter(), 0
+        taken = DataStats(self.skips, self.repaired, self.samples)
+        self.skips, self.repaired, self.samples = {}, Counter(), 0
         return taken
 
+    def as_dict(self) -> dict:
+        """The counts as plain data (for metrics files)."""
+        return {"used": self.samples, "skipped": dict(sorted(self.skipped.items())),
+                "repaired": dict(sorted(self.repaired.items()))}
+
     def summary(self) -> str:
-        parts = [f"{self.samples} samples used", f"{sum(self.skipped.values())} skipped"]
-        if self.skipped:
-            parts[-1] += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")"
+        skipped = self.skipped
+        parts = [f"{self.samples} samples used", f"{sum(skipped.values())} skipped"]
+        if skipped:
+            parts[-1] += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + ")"
         if self.repaired:
             parts.append("repaired " + ", ".join(f"{k}: {v}" for k, v in sorted(self.repaired.items())))
         return "data: " + "; ".join(parts)
@@ -58,38 +75,94 @@ class DataStats:
 _worker_stats = DataStats()  # per process; shards' read errors are counted here too
 
 
+class NothingUsable:
+    """Stops a training stream that reads on without ever producing a usable sample:
+    after ``max_samples`` samples read (beyond what the shuffle ``buffer`` holds) with
+    none usable, or ``max(3 x shards, 20)`` shard reads that yielded no sample at all
+    (no shard readable), it raises :class:`DataError` with the skip counts. Disarmed
+    by the first usable sample."""
+
+    def __init__(self, *, shards: int, buffer: int = 0, max_samples: int = 5000) -> None:
+        self.max_samples = max_samples + buffer
+        self.max_shard_reads = max(3 * shards, 20)
+        self.samples = self.shard_reads = 0
+        self.armed = True
+
+    def shard_read(self) -> None:
+        self.shard_reads += 1
+        self._check()
+
+    def sample_read(self) -> None:
+        self.samples += 1
+        self._check()
+
+    def usable(self) -> None:
+        self.armed = False
+
+    def _check(self) -> None:
+        unreadable = self.samples == 0 and self.shard_reads >= self.max_shard_reads
+        if self.armed and (unreadable or self.samples >= self.max_samples):
+            counts = ", ".join(f"{k}: {v}" for k, v in sorted(_worker_stats.skipped.items())) or "none"
+            raise DataError(f"no usable sample in {self.samples} samples from {self.shard_reads} shard reads "
+                            f"(skipped by reason: {counts})")
+
+
 def _tar_error_handler(strict: bool):
     def handle(error: Exception) -> bool:
         url = next((a for a in reversed(error.args) if isinstance(a, str) and a.endswith(".tar")), "?")
         if strict:
             raise DataError(f"{url}: unreadable shard ({type(error).__name__}: {error.args[0] if error.args else ''})")
-        _worker_stats.skipped["shard_unreadable"] += 1
+        _worker_stats.skips[(url, "")] = "shard_unreadable"
         return True
 
     return handle
 
 
+def _read_shards(shards: Iterator[dict], strict: bool, watchdog: NothingUsable | None) -> Iterator[dict]:
+    """Raw samples of each shard in turn. A key met twice in one read of a shard (a
+    member carrying another sample's key) marks the later sample ``__duplicate__``."""
+    expand = wds.tarfile_to_samples(handler=_tar_error_handler(strict))
+    for shard in shards:
+        if watchdog is not None:
+            watchdog.shard_read()
+        keys = set()
+        for raw in expand(iter([shard])):
+            if raw.get("__key__") in keys:
+                raw["__duplicate__"] = True
+            keys.add(raw.get("__key__"))
+            if watchdog is not None:
+                watchdog.sample_read()
+            yield raw
+
+
 def _decode(samples: Iterator[dict], decoder: SampleDecoder, strict: bool,
-            cache: dict | None = None) -> Iterator[DecodedSample]:
-    """Decoded samples; bad ones are skipped and counted (or raise in strict mode). With a
-    ``cache`` dict, each sample is decoded once and later epochs read it from memory
-    (decoding is deterministic, so the stream is the same either way)."""
+            cache: dict | None = None, watchdog: NothingUsable | None = None) -> Iterator[DecodedSample]:
+    """Decoded samples; bad ones are skipped and counted (or raise in strict mode), a
+    duplicate key as ``duplicate_key``. With a ``cache`` dict, each sample is decoded
+    once and later epochs read it from memory (decoding is deterministic, so the
+    stream is the same either way)."""
     for raw in samples:
-        where = (raw.get("__url__"), raw.get("__key__"))
-        outcome = cache.get(where) if cache is not None else None
-        if outcome is None:
-            try:
-                outcome = decoder(raw)
-            except SkipSample as skip:
-                outcome = skip
-            if cache is not None:
-                cache[where] = outcome
+        where = (raw.get("__url__") or "?", raw.get("__key__") or "?")
+        if raw.get("__duplicate__"):
+            outcome = SkipSample("duplicate_key")
+        else:
+            outcome = cache.get(where) if cache is not None else None
+            if outcome is None:
+                try:
+                    outcome = decoder(raw)
+                except SkipSample as skip:
+                    outcome = skip
+                if cache is not None:
+                    cache[where] = outcome
+                if not isinstance(outcome, SkipSample):
+                    _worker_stats.repaired.update(outcome.repairs)
         if isinstance(outcome, SkipSample):
             if strict:
-                raise DataError(f"{where[0] or '?'}: sample {where[1] or '?'}: {outcome.reason}")
-            _worker_stats.skipped[outcome.reason] += 1
+                raise DataError(f"{where[0]}: sample {where[1]}: {outcome.reason}")
+            _worker_stats.skips.setdefault(where, outcome.reason)
             continue
-        _worker_stats.repaired.update(outcome.repairs)
+        if watchdog is not None:
+            watchdog.usable()
         yield outcome
 
 
@@ -103,7 +176,7 @@ def _batches(samples: Iterator[DecodedSample], batch_size: int, partial: bool,
             buffer = []
     if buffer and partial:
         yield _with_stats(collate(buffer))
-    elif _worker_stats.skipped or _worker_stats.repaired:
+    elif _worker_stats.skips or _worker_stats.repaired:
         yield {"stats": _worker_stats.take()}  # counts from the tail must still reach the main process
 
 
@@ -132,11 +205,12 @@ def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, token
         stages = [wds.ResampledShards(shards, seed=seed, deterministic=True)]
     else:
         stages = [wds.SimpleShardList(shards)] + ([wds.split_by_node] if split_by_node else []) + [wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=_tar_error_handler(strict)))
+    watchdog = NothingUsable(shards=len(shards), buffer=data.shuffle_buffer) if train else None
+    stages.append(wds.pipelinefilter(_read_shards)(strict, watchdog))
     if train and data.shuffle_buffer > 0:
         stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer // 2, seed=seed))
     cache = {} if train and data.cache_decoded else None  # one per process: each worker fills its own
-    stages.append(wds.pipelinefilter(_decode)(decoder, strict, cache))
+    stages.append(wds.pipelinefilter(_decode)(decoder, strict, cache, watchdog))
     stages.append(wds.pipelinefilter(_batches)(batch_size or data.batch_size, not train, collate))
     return wds.DataPipeline(*stages)
 

@@ -5,6 +5,12 @@ accumulation, clipping, precision, ZeRO stage), so the two cannot disagree; an
 optional preset JSON (``configs/deepspeed/zero*.json``) adds other knobs and
 is refused if it sets one of the derived keys differently. The same code runs
 one CPU process (gloo), one GPU, or many under ``deepspeed``/``torchrun``.
+
+DeepSpeed unpickles its checkpoint files with ``weights_only=False``, so a crafted
+file in a run directory would run code when it is loaded. Every DeepSpeed load
+here runs inside :func:`weights_only_loads`: ``torch.load`` is forced to
+``weights_only=True`` with only the few DeepSpeed classes its checkpoints hold
+allowed, and a file holding anything else is refused (:class:`UnsafeCheckpoint`).
 """
 
 from __future__ import annotations
@@ -12,17 +18,52 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from opt.config import Config
-from opt.errors import ConfigError
+from opt.errors import ConfigError, UserError
 
 TAG = "state"  # DeepSpeed's tag inside every checkpoint directory
+
+# the classes DeepSpeed's checkpoints hold besides tensors and plain data (ZeRO 0-3, fp32 / bf16 / fp16)
+CHECKPOINT_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class UnsafeCheckpoint(UserError):
+    """A checkpoint file holds Python objects other than tensors, plain data and the allowed classes."""
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every ``torch.load`` (DeepSpeed's own included) unpickles tensors, plain data
+    and :data:`CHECKPOINT_CLASSES` only, and refuses a file with anything else."""
+    original = torch.load
+
+    def load(file, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(file, *args, **kwargs)
+        except pickle.UnpicklingError as error:
+            reason = str(error).strip().splitlines()[0]
+            raise UnsafeCheckpoint(f"{file}: refused to load: it holds objects other than tensors and "
+                                   f"plain data ({reason})") from None
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_CLASSES):
+            yield
+    finally:
+        torch.load = original
 
 
 def _free_port() -> int:
@@ -43,6 +84,15 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (one all-reduce; needs the process group)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
@@ -102,6 +152,10 @@ class DeepSpeedBackend:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is True on any."""
+        return any_rank(flag)
+
     def gather(self, parameters):
         """Context in which ZeRO-3 partitioned ``parameters`` are whole (a no-op below stage 3)."""
         if self.stage == 3:
@@ -127,7 +181,8 @@ class DeepSpeedBackend:
 
     def load(self, directory: Path) -> dict:
         """Load model, optimizer, scheduler and loss scaler; returns the client state."""
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=True)
+        with weights_only_loads():
+            path, client_state = self.engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
         return client_state
@@ -136,10 +191,11 @@ class DeepSpeedBackend:
 def fp32_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint of any ZeRO stage (ZeRO partitions are merged)."""
     state = Path(directory) / TAG
-    if any(state.glob("*optim_states.pt")):  # ZeRO 1-3: the fp32 master weights live in the optimizer shards
-        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
-    files = sorted(state.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"no DeepSpeed model states in {state}")
-    module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    with weights_only_loads():
+        if any(state.glob("*optim_states.pt")):  # ZeRO 1-3: the fp32 master weights live in the optimizer shards
+            return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+        files = sorted(state.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"no DeepSpeed model states in {state}")
+        module = torch.load(files[0], map_location="cpu")["module"]
     return {name: tensor.float() for name, tensor in module.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from opt.config import load_config
 from opt.engine import checkpoints
@@ -12,6 +13,18 @@ from opt.engine.deepspeed_backend import fp32_state_dict
 from opt.errors import UserError
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.text.tokenizer import TextTokenizer
+
+
+def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The first checkpoint of ``candidates`` whose weights can be read (loaded weights-only),
+    falling back past unreadable ones with a warning, as training does."""
+    for directory in candidates:
+        try:
+            return directory, {k: v.float() for k, v in fp32_state_dict(directory).items()}
+        except Exception as error:  # truncated, refused or incomplete: try the one before
+            tqdm.write(f"warning: checkpoint {directory} cannot be read ({checkpoints.describe(error)}); "
+                       "trying the previous one")
+    raise UserError(f"no readable checkpoint among {', '.join(str(c) for c in candidates)}")
 
 
 def export_run(run: str | Path, out: str | Path, *, checkpoint: str | Path | None = None) -> Path:
@@ -25,11 +38,11 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | Path | Non
     config = load_config(run / "config.yaml")
     tokenizer = TextTokenizer.from_file(run / "tokenizer.model")
     model = OPTModel(ModelSpec.from_config(config, tokenizer))
-    state = {k: v.float() for k, v in fp32_state_dict(candidates[0]).items()}
+    directory, state = _newest_readable(candidates)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"text_decoder.head.weight"}  # tied to text_decoder.embed.weight
     if set(missing) - tied or unexpected:
-        raise UserError(f"checkpoint {candidates[0]} does not match the run's config: "
+        raise UserError(f"checkpoint {directory} does not match the run's config: "
                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
     model.load_vq(run / "vq")
     with torch.no_grad():

@@ -36,7 +36,7 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
             if key != "step" and isinstance(value, (int, float)):
                 series[key]["step"].append(record["step"])
                 series[key]["value"].append(value)
-    tasks = sorted({key.split("/")[0] for key in series if "/" in key and not key.startswith("val/")})
+    tasks = sorted({key.split("/")[0] for key in series if "/" in key and not key.startswith(("val/", "data/"))})
     panels = [("loss", [f"{t}/loss" for t in tasks]), ("accuracy", [f"{t}/accuracy" for t in tasks]),
               ("validation accuracy", [f"val/{t}/accuracy" for t in tasks]),
               ("learning rate", ["lr"]), ("samples/s", ["samples_per_s"])]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from opt.config import Config, save_config
 from opt.data.batch import to_device
 from opt.data.pipeline import BatchLoader
 from opt.engine import checkpoints
-from opt.engine.deepspeed_backend import DeepSpeedBackend, init_distributed
+from opt.engine.deepspeed_backend import DeepSpeedBackend, any_rank, init_distributed
+from opt.engine.run_lock import SIGNAL_EXIT_CODES, RunLock, StopSignals
 from opt.engine.schedule import warmup_decay
 from opt.errors import UserError
+from opt.files import write_atomic
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.model.vq import save_vq
 from opt.tasks.mixture import TaskMixture
@@ -39,6 +42,14 @@ from opt.text.tokenizer import TextTokenizer
 
 class TrainingStopped(UserError):
     """Too many non-finite steps in a row; the last good state was checkpointed."""
+
+
+class TrainingInterrupted(UserError):
+    """SIGTERM or SIGINT: training stopped after the current step and checkpointed it."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = SIGNAL_EXIT_CODES[signal_number]
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -61,6 +72,13 @@ def build_optimizer(model: torch.nn.Module, config: Config):
                                   fused=True)
     scheduler = warmup_decay(optimizer, warmup=train.warmup_steps, total=train.steps, decay=train.schedule)
     return optimizer, scheduler
+
+
+def data_record(stats) -> dict[str, int]:
+    """The loader's counts for ``metrics.jsonl``: samples used, skipped in all and by reason."""
+    skipped = stats.skipped
+    return {"data/used": stats.samples, "data/skipped": sum(skipped.values())} | {
+        f"data/skipped/{reason}": count for reason, count in sorted(skipped.items())}
 
 
 class MetricWindow:
@@ -93,6 +111,7 @@ class Trainer:
         self.run = Path(run)
         self.progress = progress
         self.device = init_distributed()
+        self.lock = self._lock_run_directory()
         torch.manual_seed(config.train.seed)
         self.tokenizer = TextTokenizer.from_file(config.tokenizer.path)
         model = OPTModel(ModelSpec.from_config(config, self.tokenizer))
@@ -119,6 +138,18 @@ class Trainer:
             self.checkpoints.load(resume, self._restore)
 
     # -- run directory and checkpoints ---------------------------------------------------------
+
+    def _lock_run_directory(self) -> RunLock | None:
+        """The first process holds the run directory's lock; all refuse together when another job has it."""
+        lock, refusal = None, None
+        if torch.distributed.get_rank() == 0:
+            try:
+                lock = RunLock(self.run)
+            except UserError as error:
+                refusal = error
+        if any_rank(refusal is not None):
+            raise refusal or UserError(f"run directory {self.run} is in use by another job")
+        return lock
 
     def _prepare_run_directory(self) -> None:
         self.run.mkdir(parents=True, exist_ok=True)
@@ -200,7 +231,16 @@ class Trainer:
                 writer.add_scalar(key, value, record["step"])
 
     def fit(self) -> dict:
-        """Train to ``train.steps``; returns the last logged record."""
+        """Train to ``train.steps``; returns the last logged record. SIGTERM or SIGINT end it
+        after the current step with a checkpoint (:class:`TrainingInterrupted`)."""
+        try:
+            with StopSignals() as signals:
+                return self._fit(signals)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self, signals: StopSignals) -> dict:
         config = self.config.train
         loader, batches = self._batches()
         validation = self._validation_batches()
@@ -234,6 +274,7 @@ class Trainer:
                 record = {"step": self.step, "lr": self.backend.scheduler.get_last_lr()[0],
                           "samples_per_s": window.samples_per_second(), "loss": loss.item(),
                           "nonfinite_steps": self.nonfinite["total"]} | window.means()
+                record |= data_record(loader.stats)
                 if self.backend.loss_scale() is not None:
                     record["loss_scale"] = self.backend.loss_scale()
                 if self.is_main:
@@ -243,14 +284,29 @@ class Trainer:
                 measured = self.validate(validation)
                 if self.is_main:
                     self._log(writer, {"step": self.step} | measured)
-            if self.step % config.checkpoint_every == 0 and self.step < config.steps:
+            saved = self.step % config.checkpoint_every == 0 and self.step < config.steps
+            if saved:
                 self.save_checkpoint()
+            if any_rank(signals.received is not None) and self.step < config.steps:
+                self._interrupt(signals.received or signal.SIGTERM, saved, bar, writer, loader)
         self.save_checkpoint()
+        self._close(bar, writer, loader)
+        return record
+
+    def _close(self, bar, writer, loader: BatchLoader) -> None:
         bar.close()
         if writer is not None:
             writer.close()
+            write_atomic(self.run / "data_stats.json", (json.dumps(loader.stats.as_dict(), indent=2) + "\n").encode())
             tqdm.write(loader.stats.summary())
-        return record
+
+    def _interrupt(self, received, saved: bool, bar, writer, loader: BatchLoader) -> None:
+        path = checkpoints.checkpoint_root(self.run) / checkpoints.checkpoint_name(self.step)
+        if not saved:
+            path = self.save_checkpoint()
+        self._close(bar, writer, loader)
+        raise TrainingInterrupted(f"stopped by {received.name} after step {self.step}; checkpoint in {path} "
+                                  "(the same command resumes from it)", received)
 
     def _nonfinite(self, what: str) -> None:
         self.nonfinite["in_a_row"] += 1
