@@ -1,7 +1,8 @@
 """Real-corpus converters on fixture corpora written here in the published formats:
-Localized Narratives (jsonl + jpg + ogg) with broken rows, missing and corrupt
-files, escaping paths and long narrations; CSV / JSONL manifests; determinism
-across worker counts; resuming an interrupted run; one-line user errors."""
+Localized Narratives (jsonl + jpg + ogg) with broken rows, missing, corrupt and
+truncated files, escaping paths, long narrations and transcripts longer than their
+recordings; CSV / JSONL manifests; determinism across worker counts; resuming an
+interrupted run; one-line user errors."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from PIL import Image
 from opt.cli import main
 from opt.config import AudioConfig, DataConfig
 from opt.data.convert import convert_localized_narratives, convert_manifest
-from opt.data.convert.localized_narratives import LocalizedNarratives, Utterance, cut_narration, parse_timed_caption
+from opt.data.audio import decode_audio
+from opt.data.convert.localized_narratives import TIMING_SLACK_SECONDS, LocalizedNarratives
 from opt.data.convert.media import Skip, read_speech
 from opt.data.samples import SampleDecoder
 from opt.errors import UserError
@@ -34,11 +36,14 @@ def write_jpeg(path: Path, size=(48, 40), seed=0) -> None:
     Image.fromarray(pixels).save(path, format="JPEG", quality=90)
 
 
-def write_ogg(path: Path, seconds: float, seed=0) -> None:
+def write_ogg(path: Path, seconds: float, seed=0, keep: float = 1.0) -> None:
+    """A vorbis recording; ``keep`` < 1 cuts the file's bytes to that fraction."""
     path.parent.mkdir(parents=True, exist_ok=True)
     t = np.arange(int(seconds * RATE)) / RATE
     wave = 0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.01 * np.random.default_rng(seed).standard_normal(len(t))
-    sf.write(path, wave.astype(np.float32), RATE, format="OGG", subtype="VORBIS")
+    encoded = io.BytesIO()
+    sf.write(encoded, wave.astype(np.float32), RATE, format="OGG", subtype="VORBIS")
+    path.write_bytes(encoded.getvalue()[: int(len(encoded.getvalue()) * keep)])
 
 
 def timed(words: list[str], step: float = 1.0) -> list[dict]:
@@ -46,14 +51,16 @@ def timed(words: list[str], step: float = 1.0) -> list[dict]:
 
 
 def narration(image_id: str, caption: str, recording: str, *, annotator=7, timing=None) -> str:
+    """A row; its default timing spreads the caption's words over the first second."""
+    words = caption.split()
     row = {"dataset_id": "open_images", "image_id": image_id, "annotator_id": annotator, "caption": caption,
-           "timed_caption": timing if timing is not None else timed(caption.split()),
+           "timed_caption": timing if timing is not None else timed(words, step=1.0 / len(words)),
            "traces": [[{"x": 0.1, "y": 0.2, "t": 0.3}]], "voice_recording": recording}
     return json.dumps(row)
 
 
 def make_corpus(root: Path) -> tuple[list[Path], Path, Path]:
-    """Two annotation files, 20 rows: 9 good (one of them cut), 11 that must be skipped."""
+    """Two annotation files, 23 rows: 11 good (three of them cut), 12 that must be skipped."""
     images, audio = root / "images", root / "audio"
     for i in range(8):
         write_jpeg(images / f"img{i}.jpg", seed=i)
@@ -69,6 +76,8 @@ def make_corpus(root: Path) -> tuple[list[Path], Path, Path]:
     write_ogg(audio / "open_images_train" / "long.ogg", 4.0)
     write_ogg(audio / "open_images_train" / "long_untimed.ogg", 4.0)
     (audio / "open_images_train" / "broken.ogg").write_bytes(b"OggS" + bytes(300))
+    write_ogg(audio / "open_images_train" / "short.ogg", 1.3)  # whole, but shorter than its transcript
+    write_ogg(audio / "open_images_train" / "cut.ogg", 3.0, seed=3, keep=0.5)  # cut short
     write_ogg(root / "outside.ogg", 1.0)
     rec = "open_images_train/rec{}.ogg".format
     first = [
@@ -97,6 +106,11 @@ def make_corpus(root: Path) -> tuple[list[Path], Path, Path]:
         narration("img6", "a bowl of fruit", rec(8), annotator="a12"),
         narration("img7", "a window", rec(9)),
         narration("img0", "a red car on a road", rec(10)),  # same image, same caption, other recording
+        narration("img1", "a cat sat on the mat all day", "open_images_train/short.ogg",
+                  timing=timed(["a cat", "sat on", "the mat", "all day"])),  # 20: transcript cut to "a cat"
+        narration("img2", " ".join(CUT_WORDS), "open_images_train/cut.ogg",
+                  timing=timed(CUT_WORDS, step=0.25)),  # 21: transcript cut to the words present
+        narration("img3", "an untimed cut recording", "open_images_train/cut.ogg", timing=[]),  # 22: audio_truncated
     ]
     paths = [root / "train_part1.jsonl", root / "train_part2.jsonl"]
     paths[0].write_text("\n".join(first) + "\n\n")
@@ -104,8 +118,9 @@ def make_corpus(root: Path) -> tuple[list[Path], Path, Path]:
     return paths, images, audio
 
 
-EXPECTED_SKIPS = {"audio_corrupt": 1, "audio_missing": 1, "image_corrupt": 2, "image_missing": 1,
-                  "narration_uncuttable": 1, "path_escapes": 2, "row_invalid": 3}
+CUT_WORDS = [f"word{i}" for i in range(12)]  # 0.25 s each, 3 s in all
+EXPECTED_SKIPS = {"audio_corrupt": 1, "audio_missing": 1, "audio_truncated": 1, "image_corrupt": 2,
+                  "image_missing": 1, "narration_uncuttable": 1, "path_escapes": 2, "row_invalid": 3}
 
 
 @pytest.fixture(scope="module")
@@ -139,15 +154,15 @@ def converted(corpus, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_localized_narratives_counts_every_skip_by_reason(converted):
     out, summary = converted
-    assert summary["samples_in"] == 20 and summary["samples_out"] == 9
+    assert summary["samples_in"] == 23 and summary["samples_out"] == 11
     assert summary["skipped"] == EXPECTED_SKIPS
-    assert summary["changes"] == {"narration_cut": 1}
-    assert summary["modalities"] == {"text": 9, "image": 9, "audio": 9}
-    assert summary["shards"] == [f"train-{i:06d}.tar" for i in range(5)]
+    assert summary["changes"] == {"narration_cut": 1, "transcript_cut": 2}
+    assert summary["modalities"] == {"text": 11, "image": 11, "audio": 11}
+    assert summary["shards"] == [f"train-{i:06d}.tar" for i in range(6)]
     rows = {(r["row"], r["reason"]) for r in summary["skipped_rows"]}
     assert rows == {(2, "row_invalid"), (4, "image_missing"), (5, "row_invalid"), (6, "audio_missing"),
                     (7, "image_corrupt"), (9, "path_escapes"), (10, "path_escapes"), (12, "audio_corrupt"),
-                    (14, "row_invalid"), (15, "image_corrupt"), (16, "narration_uncuttable")}
+                    (14, "row_invalid"), (15, "image_corrupt"), (16, "narration_uncuttable"), (22, "audio_truncated")}
     sources = {r["row"]: r["source"] for r in summary["skipped_rows"]}
     assert sources[2] == "train_part1.jsonl:3" and sources[10] == "train_part2.jsonl:1"
     assert json.loads((out / "train-summary.json").read_text()) == summary
@@ -156,7 +171,7 @@ def test_localized_narratives_counts_every_skip_by_reason(converted):
 def test_localized_narratives_shards_hold_the_triplets_the_pipeline_reads(converted, corpus):
     out, _ = converted
     samples = read_samples(out)
-    assert sorted(samples) == [f"train_{i:09d}" for i in (0, 1, 3, 8, 11, 13, 17, 18, 19)]
+    assert sorted(samples) == [f"train_{i:09d}" for i in (0, 1, 3, 8, 11, 13, 17, 18, 19, 20, 21)]
     decoder = SampleDecoder(DataConfig(image_size=32), AudioConfig(), tokenizer=None)
     for sample in samples.values():
         decoded = decoder(sample)
@@ -167,6 +182,7 @@ def test_localized_narratives_shards_hold_the_triplets_the_pipeline_reads(conver
     meta = json.loads(first["json"])
     assert meta["image_id"] == "img0" and meta["annotator_id"] == 7 and meta["image_size"] == [48, 40]
     assert meta["row"] == "train_part1.jsonl:1" and meta["narration_cut"] is False
+    assert meta["transcript_cut"] is False and meta["audio_truncated"] is False
     assert [u["utterance"] for u in meta["timed_caption"]] == "a red car on a road".split()
     speech, rate = sf.read(io.BytesIO(first["flac"]))
     assert rate == 16000 and speech.ndim == 1 and abs(len(speech) - 1.5 * 16000) <= 2
@@ -240,24 +256,26 @@ def test_names_too_long_for_the_file_system_are_skips(corpus):
         read_speech(converter.find_audio("open_images_train/" + "x" * 300 + ".ogg"))
 
 
-def test_timed_caption_needs_finite_non_negative_times():
-    assert parse_timed_caption(timed(["a", "b"])) == [Utterance("a", 0.0, 1.0), Utterance("b", 1.0, 2.0)]
-    for bad in ([{"utterance": "a", "start_time": 0, "end_time": float("nan")}],
-                [{"utterance": "a", "start_time": -1, "end_time": 1}], {"utterance": "a"}, [{"utterance": "a"}]):
-        with pytest.raises(Skip) as skip:
-            parse_timed_caption(bad)
-        assert skip.value.reason == "row_invalid"
-
-
-def test_cut_narration_keeps_speech_up_to_the_last_utterance_in_time():
-    wave = np.zeros(4 * 16000, dtype=np.float32)
-    timing = [Utterance("a b", 0.0, 1.5), Utterance("c", 1.5, 2.5), Utterance("d", 2.5, 4.0)]
-    cut, text, kept, was_cut = cut_narration(wave, "a b c d", timing, 3.0)
-    assert (len(cut), text, kept, was_cut) == (40000, "a b c", timing[:2], True)
-    assert cut_narration(wave, "a b c d", timing, 0) == (wave, "a b c d", timing, False)
-    for uncuttable in ([], [Utterance("a", 0.0, 3.5)], [Utterance("a", 0.0, 0.0), Utterance("b", 0.0, 3.5)]):
-        with pytest.raises(Skip, match="narration_uncuttable"):
-            cut_narration(wave, "a b", uncuttable, 3.0)
+def test_converted_transcripts_match_the_audio_present(converted, corpus):
+    out, _ = converted
+    samples = read_samples(out)
+    short = samples["train_000000020"]
+    assert short["txt"] == b"a cat"
+    assert len(sf.read(io.BytesIO(short["flac"]))[0]) == 16000  # cut at the end of "a cat"
+    meta = json.loads(short["json"])
+    assert meta["transcript_cut"] is True and meta["audio_truncated"] is False
+    assert meta["original_audio_seconds"] == pytest.approx(1.3, abs=1e-3) and meta["audio_seconds"] == 1.0
+    present = decode_audio((corpus[2] / "open_images_train" / "cut.ogg").read_bytes())
+    assert present.truncated is True
+    seconds = present.channels.shape[1] / present.rate
+    fitting = [w for i, w in enumerate(CUT_WORDS) if (i + 1) * 0.25 <= seconds + TIMING_SLACK_SECONDS]
+    assert 0 < len(fitting) < len(CUT_WORDS)
+    cut = samples["train_000000021"]
+    assert cut["txt"].decode() == " ".join(fitting)
+    meta = json.loads(cut["json"])
+    assert meta["transcript_cut"] is True and meta["audio_truncated"] is True
+    assert [u["utterance"] for u in meta["timed_caption"]] == fitting
+    assert meta["audio_seconds"] == pytest.approx(min(len(fitting) * 0.25, seconds), abs=1e-3)
 
 
 def test_other_settings_in_the_same_output_are_refused(converted, corpus):
@@ -376,6 +394,7 @@ def test_cli_converts_localized_narratives_like_the_library(converted, corpus, t
     argv = ["data", "localized-narratives", "--annotations", ",".join(map(str, annotations)), "--images", str(images),
             "--audio", str(audio), "--out", str(tmp_path), "--shard-size", "4", "--max-audio-seconds", "2.5"]
     assert main(argv) == 0
-    assert "20 rows -> 9 samples in 5 shards; skipped 11 (audio_corrupt: 1," in capsys.readouterr().out
+    assert "23 rows -> 11 samples in 6 shards; skipped 12 (audio_corrupt: 1, audio_missing: 1, audio_truncated: 1," \
+        in capsys.readouterr().out
     assert json.loads((tmp_path / "train-summary.json").read_text()) == summary
     assert shard_bytes(tmp_path) == shard_bytes(reference)

@@ -11,18 +11,32 @@ input                                  outcome
 member missing (modality absent)       kept, modality marked absent (``missing_<m>``)
   ... and the modality is required     skipped: ``missing_<m>``
 0-byte member                          skipped: ``<m>_empty``
-corrupt / truncated image or audio     skipped: ``image_corrupt`` / ``audio_corrupt``
+corrupt image (damaged header or       skipped: ``image_corrupt``
+  data Pillow rejects), or cut short     (Pillow's "image file is truncated": never padded)
 image over ``max_image_pixels``        skipped: ``image_too_large``
 image of another size or mode          repaired: resized, centre-cropped, RGB
 non-UTF-8 caption                      skipped: ``text_not_utf8``
 empty (whitespace) caption             skipped: ``text_empty``
 caption over ``max_caption_chars``     repaired: truncated (``text_truncated``)
+audio soundfile cannot decode          skipped: ``audio_corrupt`` (a FLAC cut short is one)
+audio cut short (WAV data chunk        skipped: ``audio_truncated``
+  shorter than its header, Ogg
+  without its end-of-stream page)
+sample rate outside 4-192 kHz          skipped: ``audio_rate_out_of_range``
 stereo audio / other sample rate       repaired: ``audio_downmixed`` / ``audio_resampled``
+                                         (bounded ratio: see :mod:`opt.data.audio`)
 audio longer than ``max_seconds``      repaired: clipped (``audio_clipped``)
 audio shorter than ``min_audio_seconds`` skipped: ``audio_too_short``
 unreadable ``.json`` metadata          repaired: metadata dropped (``meta_unreadable``)
 no enabled modality left               skipped: ``no_modality``
 =====================================  ==========================================
+
+Images are always decoded in full: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES``
+(which pads a cut-short image with grey instead of failing) is switched back
+off, with a warning, if another library turned it on. Two damaged images still
+decode and are kept: a PNG that lacks only its closing ``IEND`` chunk (every
+pixel is there), and a JPEG whose compressed data is damaged with its markers
+intact (JPEG has no checksum, and Pillow silences libjpeg's warnings).
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from opt.config import AudioConfig, DataConfig
 from opt.data.audio import AudioDecodeError, AudioFrontEnd
@@ -47,11 +61,12 @@ EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "text": TEXT
 
 
 class SkipSample(Exception):
-    """This sample cannot be used; ``reason`` is a short counter name."""
+    """This sample cannot be used; ``reason`` is a short counter name, ``detail`` says more."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass
@@ -73,26 +88,45 @@ def _member(raw: dict, modality: str) -> bytes | None:
     return None
 
 
-def load_image(payload: bytes, size: int, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
-    """Decode image bytes to a ``(3, size, size)`` float tensor in [0, 1].
+def open_image(payload: bytes, *, max_pixels: int | None = None, draft_size: int | None = None,
+               mode: str | None = None) -> Image.Image:
+    """Open and fully decode image bytes (a JPEG at a reduced scale near ``draft_size`` when
+    given), converted to ``mode`` when given.
 
-    Resizes the shorter side to ``size`` and centre-crops. Raises
-    :class:`SkipSample` for corrupt or oversized images.
+    Raises :class:`SkipSample`: ``image_too_large`` (over ``max_pixels`` or Pillow's
+    decompression-bomb limit) or ``image_corrupt`` (unreadable, or cut short).
     """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was on; turned off so that truncated images are "
+                      "counted as image_corrupt instead of padded", RuntimeWarning, stacklevel=2)
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(payload))
-            if image.width * image.height > max_pixels:
-                raise SkipSample("image_too_large")
-            image.draft("RGB", (size, size))  # JPEG: decode at reduced scale when possible
-            image = image.convert("RGB")
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise SkipSample("image_too_large", f"{image.width}x{image.height}")
+            if draft_size is not None:
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            if mode is not None:
+                image = image.convert(mode)
     except SkipSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise SkipSample("image_too_large") from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError):
-        raise SkipSample("image_corrupt") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:  # UnidentifiedImageError is an OSError
+        raise SkipSample("image_corrupt", str(error)) from None
+    return image
+
+
+def load_image(payload: bytes, size: int, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
+    """Decode image bytes to a ``(3, size, size)`` float tensor in [0, 1].
+
+    Resizes the shorter side to ``size`` and centre-crops. Raises
+    :class:`SkipSample` for corrupt, truncated or oversized images.
+    """
+    image = open_image(payload, max_pixels=max_pixels, draft_size=size, mode="RGB")
     repairs = []
     if image.size != (size, size):
         repairs.append("image_resized")
@@ -159,8 +193,8 @@ class SampleDecoder:
     def _decode_audio(self, payload: bytes, sample: DecodedSample) -> None:
         try:
             wave = self.front_end.waveform(payload)
-        except AudioDecodeError:
-            raise SkipSample("audio_corrupt") from None
+        except AudioDecodeError as error:
+            raise SkipSample(error.reason, str(error)) from None
         if wave.samples.numel() < max(self.min_audio_samples, self.front_end.config.n_fft):
             raise SkipSample("audio_too_short")
         if not torch.isfinite(wave.samples).all():

@@ -44,7 +44,7 @@ from opt.data.shards import ShardWriter
 from opt.errors import UserError
 from opt.files import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: transcripts cut to the audio present, truncated audio detected
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+$")
 
 

@@ -16,11 +16,19 @@ audio directory, or its basename there.
 Output sample: the image (original bytes when valid), the transcript (``.txt``),
 the speech (16 kHz 16-bit FLAC) and ``.json`` metadata: source ids, the input
 row, image size, durations and the kept ``timed_caption``. Mouse traces are not
-kept. A narration longer than ``max_audio_seconds`` is cut at the end of its
-last utterance that ends in time, and the transcript becomes the kept
-utterances, so speech and text still match; one that cannot be cut that way
-(no timing, or a first utterance that is already too long) is skipped as
-``narration_uncuttable``.
+kept. Speech and transcript are made to match (:func:`fit_narration`):
+
+* A narration longer than ``max_audio_seconds`` is cut at the end of its last
+  utterance that ends in time, and the transcript becomes the kept utterances
+  (``narration_cut``); one that cannot be cut that way (no timing, or a first
+  utterance that is already too long) is skipped as ``narration_uncuttable``.
+* A recording shorter than its timing says (cut short, or simply shorter) keeps
+  only the utterances that end within the audio present (``TIMING_SLACK_SECONDS``
+  allows for rounding), and the speech is cut at the end of the last of them
+  (``transcript_cut``). With no utterance left the row is skipped: as
+  ``audio_truncated`` when the file is cut short, else ``narration_uncuttable``.
+* A recording cut short (see :mod:`opt.data.audio`) without timing cannot be
+  matched to its transcript and is skipped as ``audio_truncated``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from opt.data.convert.rows import JsonLines, Row
 from opt.errors import UserError
 
 STRING_FIELDS = ("dataset_id", "image_id", "caption", "voice_recording")
+TIMING_SLACK_SECONDS = 0.05  # an utterance may end this much after the recording and still count as in it
 
 
 @dataclass(frozen=True)
@@ -62,25 +71,39 @@ def parse_timed_caption(value: object) -> list[Utterance]:
     return timed
 
 
-def cut_narration(wave: np.ndarray, caption: str, timed: list[Utterance],
-                  max_seconds: float) -> tuple[np.ndarray, str, list[Utterance], bool]:
-    """Cut speech longer than ``max_seconds`` (0: no limit) at an utterance boundary.
+@dataclass(frozen=True)
+class Narration:
+    wave: np.ndarray  # (n,) speech at SAMPLE_RATE
+    text: str  # the transcript of that speech
+    timed: list[Utterance]  # the utterances kept
+    changes: list[str]  # "narration_cut" or "transcript_cut" when cut, else empty
 
-    Returns the speech, the transcript, the kept utterances and whether it was cut.
-    """
-    if max_seconds <= 0 or len(wave) <= max_seconds * SAMPLE_RATE:
-        return wave, caption, timed, False
+
+def fit_narration(wave: np.ndarray, caption: str, timed: list[Utterance], max_seconds: float,
+                  truncated: bool = False) -> Narration:
+    """Make speech and transcript match (see the module docstring): cut speech longer than
+    ``max_seconds`` (0: no limit), or a transcript whose timing runs past the speech, at an
+    utterance boundary. ``truncated``: the recording was cut short."""
+    seconds = len(wave) / SAMPLE_RATE
+    if truncated and not timed:
+        raise Skip("audio_truncated", f"{seconds:.1f} s of a recording cut short, without timing to match")
+    if max_seconds > 0 and seconds > max_seconds:
+        limit, change, failure = max_seconds, "narration_cut", "narration_uncuttable"
+    elif timed and max(u.end_time for u in timed) > seconds + TIMING_SLACK_SECONDS:
+        limit, change = seconds + TIMING_SLACK_SECONDS, "transcript_cut"
+        failure = "audio_truncated" if truncated else "narration_uncuttable"
+    else:
+        return Narration(wave, caption, timed, [])
     kept = []
     for utterance in timed:
-        if utterance.end_time > max_seconds:
+        if utterance.end_time > limit:
             break
         kept.append(utterance)
     text = " ".join(u.utterance.strip() for u in kept if u.utterance.strip())
     end = round(kept[-1].end_time * SAMPLE_RATE) if kept else 0
     if not text or end == 0:
-        raise Skip("narration_uncuttable", f"{len(wave) / SAMPLE_RATE:.1f} s without an utterance that ends "
-                                           f"within {max_seconds:g} s")
-    return wave[:end], text, kept, True
+        raise Skip(failure, f"{seconds:.1f} s without an utterance that ends within {limit:g} s")
+    return Narration(wave[:end], text, kept, [change])
 
 
 @dataclass
@@ -104,21 +127,23 @@ class LocalizedNarratives:
             raise Skip("caption_empty", fields["image_id"])
         timed = parse_timed_caption(fields.get("timed_caption"))
         extension, image, image_meta = read_image(self.find_image(fields["image_id"]))
-        wave, seconds = read_speech(self.find_audio(fields["voice_recording"]))
-        wave, text, kept, cut = cut_narration(wave, caption, timed, self.max_audio_seconds)
+        speech = read_speech(self.find_audio(fields["voice_recording"]))
+        narration = fit_narration(speech.wave, caption, timed, self.max_audio_seconds, speech.truncated)
         meta = {
             "source": "localized_narratives",
             "row": row.source,
             **{name: fields[name] for name in ("dataset_id", "image_id", "annotator_id", "voice_recording")},
             **image_meta,
-            "audio_seconds": round(len(wave) / SAMPLE_RATE, 3),
-            "original_audio_seconds": round(seconds, 3),
-            "narration_cut": cut,
-            "timed_caption": [vars(u) for u in kept],
+            "audio_seconds": round(len(narration.wave) / SAMPLE_RATE, 3),
+            "original_audio_seconds": round(speech.seconds, 3),
+            "audio_truncated": speech.truncated,
+            "narration_cut": "narration_cut" in narration.changes,
+            "transcript_cut": "transcript_cut" in narration.changes,
+            "timed_caption": [vars(u) for u in narration.timed],
         }
-        members = {extension: image, "txt": encode_text(text), "flac": encode_flac(wave),
+        members = {extension: image, "txt": encode_text(narration.text), "flac": encode_flac(narration.wave),
                    "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
-        return Sample(members, ["narration_cut"] if cut else [])
+        return Sample(members, narration.changes)
 
     def find_image(self, image_id: str) -> Path:
         direct = inside(self.images, f"{image_id}.jpg")

@@ -7,6 +7,8 @@ and ``audio`` are paths relative to ``root`` (default: the manifest's folder),
 sample then lacks that modality (a row with none is skipped as ``row_empty``).
 A path that is given but cannot be used (missing, corrupt, escaping ``root``)
 skips the row, counted by reason, rather than silently dropping a modality.
+A recording cut short is one (``audio_truncated``): with no timing, nothing
+says which part of the text the audio present still speaks.
 Other columns are kept in the sample's ``.json`` metadata under ``fields``.
 """
 
@@ -47,9 +49,11 @@ class Manifest:
         if values["text"]:
             members["txt"] = encode_text(values["text"])
         if values["audio"]:
-            wave, seconds = read_speech(inside(self.root, values["audio"]))
-            members["flac"] = encode_flac(wave)
-            meta |= {"audio": values["audio"], "audio_seconds": round(len(wave) / SAMPLE_RATE, 3)}
+            speech = read_speech(inside(self.root, values["audio"]))
+            if speech.truncated:
+                raise Skip("audio_truncated", f"{values['audio']}: {speech.seconds:.1f} s of a recording cut short")
+            members["flac"] = encode_flac(speech.wave)
+            meta |= {"audio": values["audio"], "audio_seconds": round(len(speech.wave) / SAMPLE_RATE, 3)}
         extra = {key: value for key, value in row.fields.items() if key not in MANIFEST_COLUMNS}
         if extra:
             meta["fields"] = extra

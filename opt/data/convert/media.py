@@ -7,12 +7,17 @@ conversion summary (``image_missing``, ``audio_corrupt``, ``path_escapes`` ...).
   that lands outside the root (``..``, an absolute path elsewhere) is refused
   as ``path_escapes`` before anything is opened. The check is lexical: symbolic
   links the user placed inside a root are followed.
-* Images: fully decoded with PIL to prove they are whole; JPEG (MPO included), PNG and WebP
-  keep their original bytes, any other format is re-encoded to JPEG (quality 95).
-  The original size is returned for the metadata; size filters belong to cleaning.
-* Speech: read with soundfile (wav, flac, ogg), down-mixed to mono, resampled to
-  16 kHz with ``torchaudio.functional.resample`` and stored as 16-bit FLAC,
-  which the training pipeline reads back.
+* Images: fully decoded with PIL to prove they are whole, by the training
+  pipeline's own :func:`~opt.data.samples.open_image` (a file cut short is
+  ``image_corrupt``, never padded); JPEG (MPO included), PNG and WebP keep their
+  original bytes, any other format is re-encoded to JPEG (quality 95). The
+  original size is returned for the metadata; size filters belong to cleaning.
+* Speech: decoded and checked by :func:`~opt.data.audio.decode_audio`
+  (``audio_corrupt``, ``audio_rate_out_of_range``; a file cut short is returned
+  as far as it goes and flagged, for the converter to decide), down-mixed to
+  mono, resampled to 16 kHz by :func:`~opt.data.audio.resample` (bounded time
+  and memory at any rate) and stored as 16-bit FLAC, which the training
+  pipeline reads back.
 """
 
 from __future__ import annotations
@@ -20,16 +25,15 @@ from __future__ import annotations
 import io
 import os
 import re
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
-from PIL import Image
 
-from opt.data.audio import AudioDecodeError, decode_audio
+from opt.data.audio import AudioDecodeError, AudioTruncatedError, decode_audio, resample
+from opt.data.samples import SkipSample, open_image
 
 SAMPLE_RATE = 16000
 # PIL format -> shard extension; MPO is a camera JPEG with extra frames, which every JPEG reader decodes
@@ -75,14 +79,9 @@ def read_image(path: Path) -> tuple[str, bytes, dict]:
     """A verified image: its shard extension, its bytes and ``{"image_size": [w, h], "image_format": ...}``."""
     payload = read_file(path, "image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(payload))
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise Skip("image_too_large", path.name) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise Skip("image_corrupt", f"{path.name}: {error}") from None
+        image = open_image(payload)
+    except SkipSample as skip:
+        raise Skip(skip.reason, f"{path.name}: {skip.detail}" if skip.detail else path.name) from None
     meta = {"image_size": list(image.size), "image_format": image.format}
     extension = KEPT_IMAGE_FORMATS.get(image.format)
     if extension is None:
@@ -92,24 +91,34 @@ def read_image(path: Path) -> tuple[str, bytes, dict]:
     return extension, payload, meta
 
 
-def read_speech(path: Path) -> tuple[np.ndarray, float]:
-    """Mono float32 speech at 16 kHz and the file's duration in seconds."""
+@dataclass(frozen=True)
+class Speech:
+    wave: np.ndarray  # (n,) mono float32 at SAMPLE_RATE
+    seconds: float  # the decoded file's duration
+    truncated: bool  # the file ends before its header says it does; ``wave`` holds what is present
+
+
+def read_speech(path: Path) -> Speech:
+    """Mono float32 speech at 16 kHz; :class:`Skip` ``audio_corrupt`` / ``_empty`` /
+    ``_rate_out_of_range`` / ``_truncated`` (cut short with nothing left)."""
     payload = read_file(path, "audio")
     try:
-        channels, rate = decode_audio(payload)
+        decoded = decode_audio(payload)
     except AudioDecodeError as error:
         message = re.sub(r"^Error opening <[^>]*>: ", "", str(error))  # no memory addresses in the summary
-        raise Skip("audio_corrupt", f"{path.name}: {message}") from None
+        raise Skip(error.reason, f"{path.name}: {message}") from None
+    channels, rate = decoded.channels, decoded.rate
     if channels.shape[1] == 0:
-        raise Skip("audio_empty", path.name)
+        reason = AudioTruncatedError.reason if decoded.truncated else "audio_empty"
+        raise Skip(reason, path.name)
     wave = np.ascontiguousarray(channels.mean(axis=0))
     if rate != SAMPLE_RATE:
-        wave = AF.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
+        wave = resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
     if len(wave) == 0:
         raise Skip("audio_empty", f"{path.name}: no samples at {SAMPLE_RATE} Hz")
     if not np.isfinite(wave).all():
         raise Skip("audio_corrupt", f"{path.name}: non-finite samples")
-    return wave, channels.shape[1] / rate
+    return Speech(wave, channels.shape[1] / rate, decoded.truncated)
 
 
 def encode_text(text: str) -> bytes:
