@@ -4,6 +4,7 @@ fallback, the NaN guard, export, metrics and plots."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -129,3 +130,15 @@ def test_bf16_training_validates_and_exports_an_fp32_model(train_overrides, tmp_
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
     model = OPTModel.from_pretrained(tmp_path / "model")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_one_schedule_serves_pretraining_and_the_vq():
+    from opt.engine.schedule import learning_rate_factor
+
+    pretraining = [learning_rate_factor(s, warmup=4, total=20) for s in range(21)]
+    assert pretraining[:4] == [0.25, 0.5, 0.75, 1.0] and pretraining[4] == 1.0 and pretraining[20] == 0.0
+    assert pretraining[12] == pytest.approx(0.5)  # halfway between the warmup's end and the last step
+    vq = [learning_rate_factor(s, warmup=4, total=20, decay_start=0) for s in range(21)]
+    assert vq[10] == pytest.approx(0.5) and vq[1] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 20)))
+    linear = [learning_rate_factor(s, warmup=0, total=10, decay="linear") for s in (0, 5, 10)]
+    assert linear == [1.0, 0.5, 0.0]

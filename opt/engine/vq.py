@@ -58,7 +58,7 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
                          batch_size=settings.batch_size)
     model = VQTokenizer(config.model.vq)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    schedule = warmup_decay(optimizer, warmup=max(1, settings.steps // 20), total=settings.steps)
+    schedule = warmup_decay(optimizer, warmup=max(1, settings.steps // 20), total=settings.steps, decay_start=0)
     bar = tqdm(total=settings.steps, desc="vq", disable=not progress)
     batches = iter(loader)
     for step in range(settings.steps):
