@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import signal
 import tarfile
 
@@ -142,3 +143,18 @@ def test_metrics_and_the_run_summary_carry_the_loaders_counts(train_overrides, t
     assert records[-1]["data/used"] >= 2 * 4 and records[-1]["data/skipped"] == 0
     summary = json.loads((tmp_path / "data_stats.json").read_text())
     assert summary["used"] == records[-1]["data/used"] and summary["skipped"] == {}
+
+
+def test_a_checkpoint_folder_removed_during_a_save_is_one_line(train_overrides, tmp_path, monkeypatch):
+    original = DeepSpeedBackend.save
+
+    def removed_underneath(self, directory, client_state):
+        original(self, directory, client_state)
+        shutil.rmtree(directory.parent)  # someone deletes checkpoints/ while the save runs
+
+    monkeypatch.setattr(DeepSpeedBackend, "save", removed_underneath)
+    with pytest.raises(UserError, match="disappeared while step 2 was being saved; no earlier checkpoint exists"):
+        train(train_overrides, tmp_path, 4)
+    monkeypatch.setattr(DeepSpeedBackend, "save", original)
+    train(train_overrides, tmp_path, 2)  # the next save recreates the folder
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["step-00000002"]
