@@ -1,5 +1,6 @@
 """Downstream commands on a small model trained for a few steps in this session:
-captioning, text-to-image, retrieval and the evaluation report."""
+captioning, text-to-image, retrieval and the evaluation report, and the samples
+each of them used and skipped."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 
 from opt.cli import main
 from opt.config import load_config
@@ -17,6 +19,7 @@ from opt.downstream.common import EncodedSplit, encode_split, load_model
 from opt.downstream.retrieval import DIRECTIONS, rank_metrics, retrieve
 from opt.engine.export import export_run
 from opt.engine.trainer import Trainer
+from tests.test_pipeline import world_samples
 
 METRIC_KEYS = {"r1", "r5", "r10", "mean_rank", "n"}
 
@@ -34,6 +37,24 @@ def model_dir(small_training_overrides, tmp_path_factory) -> Path:
 def encoded(model_dir, world) -> tuple:
     loaded = load_model(model_dir)
     return loaded, encode_split(loaded, f"{world}/test-*.tar")
+
+
+@pytest.fixture(scope="module")
+def damaged(world, tmp_path_factory) -> Path:
+    """``some_bad-000000.tar``: five good samples, then a cut PNG, a broken PNG and an empty WAV;
+    ``all_bad-000000.tar``: three samples whose PNGs are cut."""
+    goods = world_samples(world, 5)
+    folder = tmp_path_factory.mktemp("damaged")
+    with wds.TarWriter(str(folder / "some_bad-000000.tar")) as shard:
+        for i, good in enumerate(goods):
+            shard.write({"__key__": f"good{i}", **good})
+        shard.write({"__key__": "cut_png", **goods[0], "png": goods[0]["png"][: len(goods[0]["png"]) // 2]})
+        shard.write({"__key__": "broken_png", **goods[1], "png": b"\x89PNG\r\n\x1a\nnot really"})
+        shard.write({"__key__": "empty_wav", **goods[2], "wav": b""})
+    with wds.TarWriter(str(folder / "all_bad-000000.tar")) as shard:
+        for i, good in enumerate(goods[:3]):
+            shard.write({"__key__": f"bad{i}", **good, "png": good["png"][:40]})
+    return folder
 
 
 def check_ranks(metrics: dict, n: int) -> None:
@@ -117,6 +138,7 @@ def test_retrieve_cli_writes_every_direction(model_dir, world, tmp_path):
     assert main(["retrieve", "--model", str(model_dir), "--data", f"{world}/test-*.tar", "--all",
                  "--rerank-k", "4", "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
+    assert metrics.pop("data") == {"used": 24, "skipped": {}, "repaired": {}}
     assert set(metrics) == set(DIRECTIONS)
     for values in metrics.values():
         check_ranks(values, 24)
@@ -126,12 +148,31 @@ def test_retrieve_cli_one_direction(model_dir, world, tmp_path):
     out = tmp_path / "a2t.json"
     assert main(["retrieve", "--model", str(model_dir), "--data", f"{world}/test-*.tar", "--query", "audio",
                  "--target", "text", "--rerank-k", "0", "--out", str(out)]) == 0
-    assert list(json.loads(out.read_text())) == ["a2t"]
+    assert list(json.loads(out.read_text())) == ["data", "a2t"]
+
+
+@pytest.mark.parametrize("directions, line, skipped", [
+    (["--all"], "data: used 5 of 8 samples (3 skipped: audio_empty: 1, image_corrupt: 2)",
+     {"audio_empty": 1, "image_corrupt": 2}),
+    (["--query", "audio", "--target", "text"], "data: used 7 of 8 samples (1 skipped: audio_empty: 1)",
+     {"audio_empty": 1}),  # the images are not read
+])
+def test_retrieve_cli_reports_the_samples_it_skipped(model_dir, damaged, tmp_path, capsys, directions, line,
+                                                     skipped):
+    out = tmp_path / "metrics.json"
+    assert main(["retrieve", "--model", str(model_dir), "--data", str(damaged / "some_bad-000000.tar"), *directions,
+                 "--rerank-k", "2", "--out", str(out)]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+    used = 8 - sum(skipped.values())
+    metrics = json.loads(out.read_text())
+    assert metrics.pop("data") == {"used": used, "skipped": skipped, "repaired": {}}
+    for values in metrics.values():
+        check_ranks(values, used)
 
 
 @pytest.mark.parametrize("inputs", ["image", "audio", "image+audio"])
 def test_caption_cli_writes_one_line_per_sample_and_metrics(model_dir, world, tmp_path, inputs):
-    out = tmp_path / "captions.jsonl"
+    out = tmp_path / "new" / "captions.jsonl"  # the missing folder is created
     assert main(["caption", "--model", str(model_dir), "--data", f"{world}/test-*.tar", "--inputs", inputs,
                  "--out", str(out), "--limit", "10"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -141,6 +182,33 @@ def test_caption_cli_writes_one_line_per_sample_and_metrics(model_dir, world, tm
         assert 0.0 <= metrics[name] <= 10.0
     assert 0.0 <= metrics["attribute_accuracy"] <= 1.0
     assert ("wer" in metrics) == (inputs == "audio")
+    assert metrics["data"] == {"used": 10, "skipped": {}, "repaired": {}}
+
+
+@pytest.mark.parametrize("inputs, line, skipped", [
+    ("image", "data: used 6 of 8 samples (2 skipped: image_corrupt: 2)", {"image_corrupt": 2}),  # audio not read
+    ("audio", "data: used 7 of 8 samples (1 skipped: audio_empty: 1)", {"audio_empty": 1}),
+])
+def test_caption_cli_reports_the_samples_it_skipped(model_dir, damaged, tmp_path, capsys, inputs, line, skipped):
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", "--model", str(model_dir), "--data", str(damaged / "some_bad-000000.tar"),
+                 "--inputs", inputs, "--out", str(out)]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+    used = 8 - sum(skipped.values())
+    assert len(out.read_text().splitlines()) == used
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["n"] == used and metrics["data"] == {"used": used, "skipped": skipped, "repaired": {}}
+
+
+@pytest.mark.parametrize("command", [["caption", "--out", "captions.jsonl"], ["retrieve", "--all"]])
+def test_a_shard_without_one_usable_sample_is_a_one_line_error(model_dir, damaged, tmp_path, monkeypatch, capsys,
+                                                                command):
+    monkeypatch.chdir(tmp_path)
+    shard = damaged / "all_bad-000000.tar"
+    assert main([command[0], "--model", str(model_dir), "--data", str(shard), *command[1:]]) == 2
+    assert capsys.readouterr().err == (f"opt: error: no usable samples in {shard}: "
+                                       "used 0 of 3 samples (3 skipped: image_corrupt: 3)\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_generate_cli_writes_one_png_per_prompt_and_sample_and_a_grid(model_dir, tmp_path):
@@ -249,7 +317,10 @@ def test_eval_writes_metrics_report_and_pictures(model_dir, world, tmp_path):
                  "--generate-count", "4", "--steps", "2", "--rerank-k", "3", "--candidates", "2", "--no-meteor"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for split in ("test", "test_novel"):
-        assert set(metrics[split]) == {"retrieval", "captioning", "text_to_image"}
+        assert set(metrics[split]) == {"data", "retrieval", "captioning", "text_to_image"}
+        assert metrics[split]["data"] == {"used": 12, "skipped": {}, "repaired": {}}
+        assert f"- {split}: used 12 of 12 samples (0 skipped)" in (out / "report.md").read_text()
+        assert all(values["data"]["used"] == 12 for values in metrics[split]["captioning"].values())
         for values in metrics[split]["retrieval"].values():
             check_ranks(values, 12)
         assert set(metrics[split]["captioning"]) == {"image", "audio", "image+audio"}

@@ -1,7 +1,8 @@
 """The ``opt`` command. It only parses arguments and calls library functions.
 
 A user mistake (:class:`~opt.errors.UserError`, a bad argument) prints one line
-on stderr and exits with status 2; ``--debug`` shows the traceback instead.
+on stderr and exits with status 2 (a training run stopped by SIGTERM or SIGINT:
+143 or 130, after its checkpoint); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         sys.stderr.write(f"opt: error: {error}\n")
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("opt: interrupted\n")
         return 130

@@ -1,8 +1,16 @@
-"""Argument helpers shared by the subcommands."""
+"""Argument helpers shared by the subcommands.
+
+Every ``--out`` creates the folders it lies in when the output is written; the
+parser refuses at once only a path that can never be written: a folder given
+for a file or a file for a folder, a file standing where a folder must be, or
+a folder that cannot be written in.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from opt.config import Config, load_config
 
@@ -39,3 +47,26 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def output_file(text: str) -> str:
+    """An output file path (its missing folders are created when it is written)."""
+    return _writable(text, folder=False)
+
+
+def output_folder(text: str) -> str:
+    """An output folder path (created, with its missing parents, when it is written)."""
+    return _writable(text, folder=True)
+
+
+def _writable(text: str, *, folder: bool) -> str:
+    path = Path(text)
+    if path.exists() and path.is_dir() != folder:
+        raise argparse.ArgumentTypeError(f"{text} is a {'file' if folder else 'folder'}; give a "
+                                         f"{'folder' if folder else 'file name'}")
+    existing = next(parent for parent in path.parents if parent.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create a folder for {text}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in the folder {existing}")
+    return text

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from opt.cli.common import (DATA_HELP, add_command_group, add_config_arguments, config_from_args, non_negative_int,
-                             positive_int)
+                             output_file, output_folder, positive_int)
 from opt.data.clean import FILTERS, CleanSettings, clean_shards, load_boilerplate, report_name
 from opt.data.convert import convert_localized_narratives, convert_manifest
 from opt.data.convert.common import summary_line
@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sub = add_command_group(commands, "data", "datasets and shards")
 
     synth = sub.add_parser("synth", help="generate the synthetic tri-modal world as webdataset shards")
-    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--out", type=output_folder, required=True, help="output directory")
     for split, default in (("train", 5000), ("val", 500), ("test", 500), ("test-novel", 500)):
         synth.add_argument(f"--{split}", type=non_negative_int, default=default,
                            help=f"samples in {split.replace('-', '_')} (default {default})")
@@ -39,7 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     preview = sub.add_parser("preview", help="write a PNG grid of samples with their captions")
     preview.add_argument("--data", required=True, help=DATA_HELP)
-    preview.add_argument("--out", required=True, help="output PNG")
+    preview.add_argument("--out", type=output_file, required=True, help="output PNG")
     preview.add_argument("--count", type=positive_int, default=24, help="samples to show (default 24)")
     preview.set_defaults(handler=run_preview)
 
@@ -61,7 +61,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     clean = sub.add_parser("clean", help="filter shards (image size, text, duplicates, model similarity)")
     clean.add_argument("--data", required=True, help=DATA_HELP)
-    clean.add_argument("--out", required=True, help="output directory (shards keep their names; PREFIX-clean-report.json)")
+    clean.add_argument("--out", type=output_folder, required=True,
+                       help="output directory (shards keep their names; PREFIX-clean-report.json)")
     defaults = CleanSettings()
     clean.add_argument("--require", default="", help="modalities a sample must have, comma-separated (default none)")
     clean.add_argument("--min-image-size", type=non_negative_int, default=defaults.min_image_size,
@@ -82,7 +83,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
+    parser.add_argument("--out", type=output_folder, required=True,
+                        help="output directory (a rerun resumes it)")
     parser.add_argument("--prefix", default="train", help="shard name prefix, e.g. train or val (default train)")
     parser.add_argument("--shard-size", type=positive_int, default=1000, help="input rows per shard (default 1000)")
     parser.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from opt.cli.common import DATA_HELP, non_negative_int, positive_int
+from opt.cli.common import DATA_HELP, non_negative_int, output_file, output_folder, positive_int
 from opt.errors import UserError
 
 DEFAULT_CANDIDATES = 32  # text-to-image best-of-N (a literal here so the CLI starts without importing torch)
@@ -36,7 +36,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_model(caption)
     caption.add_argument("--data", required=True, help=DATA_HELP)
     caption.add_argument("--inputs", default="image", help="image, audio or image+audio (default image)")
-    caption.add_argument("--out", required=True, help="output JSON lines, one {key, caption} per sample")
+    caption.add_argument("--out", type=output_file, required=True,
+                         help="output JSON lines, one {key, caption} per sample")
     caption.add_argument("--beam", type=positive_int, default=1, help="beam size, 1 = greedy (default 1)")
     caption.add_argument("--limit", type=positive_int, help="caption at most this many samples")
     caption.add_argument("--no-references", dest="references", action="store_false",
@@ -49,7 +50,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", help="a text file with one prompt per line")
     generate.add_argument("--audio", help="a speech file conditioning every prompt together with its text")
-    generate.add_argument("--out", required=True, help="output directory for PNGs and grid.png")
+    generate.add_argument("--out", type=output_folder, required=True,
+                          help="output directory for PNGs and grid.png")
     generate.add_argument("--n", type=positive_int, default=1, help="images per prompt (default 1)")
     _add_decoding(generate)
     generate.set_defaults(handler=run_generate)
@@ -66,13 +68,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
                           help="re-rank without the text decoder's caption likelihood (captions: "
                           "log P(caption | query); images or speech for a text query: log P(query | candidate))")
-    retrieve.add_argument("--out", help="write the metrics to this JSON file")
+    retrieve.add_argument("--out", type=output_file, help="write the metrics to this JSON file")
     retrieve.set_defaults(handler=run_retrieve)
 
     evaluate = commands.add_parser("eval", help="all downstream tasks on test and test_novel -> report/")
     _add_model(evaluate)
     evaluate.add_argument("--data", required=True, help="directory with test-*.tar and test_novel-*.tar shards")
-    evaluate.add_argument("--out", required=True, help="report directory (metrics.json, report.md, PNGs)")
+    evaluate.add_argument("--out", type=output_folder, required=True,
+                          help="report directory (metrics.json, report.md, PNGs)")
     evaluate.add_argument("--run-dir", help="training run whose curves go into the report")
     evaluate.add_argument("--limit", type=positive_int, help="samples per split (default all)")
     evaluate.add_argument("--rerank-k", type=non_negative_int, default=16, help="retrieval re-ranking (default 16)")
@@ -100,43 +103,67 @@ def _print_metrics(title: str, metrics: dict) -> None:
 
 
 def run_caption(args: argparse.Namespace) -> None:
+    from opt.data.pipeline import DataStats
     from opt.downstream.captioning import caption_metrics, caption_split, parse_inputs
+    from opt.downstream.common import describe_counts
     from opt.downstream.plugins import PLUGINS
     from opt.files import write_atomic
 
     parse_inputs(args.inputs)
-    captions = caption_split(_load(args), args.data, args.inputs, beam=args.beam, limit=args.limit)
+    read = DataStats()
+    captions = caption_split(_load(args), args.data, args.inputs, beam=args.beam, limit=args.limit, stats=read)
     lines = "".join(json.dumps({"key": c.key, "caption": c.caption}) + "\n" for c in captions)
     write_atomic(args.out, lines.encode())
+    print(f"data: {describe_counts(read.as_dict())}")
     print(f"caption: {len(captions)} captions -> {args.out}")
     if args.references:
-        metrics = caption_metrics(captions, args.inputs, plugins=PLUGINS)
+        metrics = caption_metrics(captions, args.inputs, plugins=PLUGINS) | {"data": read.as_dict()}
         write_atomic(Path(args.out).with_suffix(".metrics.json"), json.dumps(metrics, indent=2).encode())
         _print_metrics("metrics", metrics)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")  # bytes that were not UTF-8 reach argv as lone surrogates
+        except UnicodeEncodeError:
+            raise UserError("--prompt is not valid UTF-8 text") from None
         prompts = [args.prompt]
     else:
         path = Path(args.prompts)
         if not path.is_file():
             raise UserError(f"prompt file not found: {path}")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        payload = path.read_bytes()
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = payload[:error.start].count(b"\n") + 1
+            raise UserError(f"prompt file {path}: line {line} is not valid UTF-8 text") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts or not all(prompts):
         raise UserError("no prompt given (empty prompt or prompt file)")
     return prompts
+
+
+def _read_audio(path: str) -> bytes:
+    """The bytes of ``--audio``, checked to be a sound file before the model loads."""
+    from opt.data.audio import AudioDecodeError, decode_audio
+
+    if not Path(path).is_file():
+        raise UserError(f"audio file not found: {path}")
+    payload = Path(path).read_bytes()
+    try:
+        decode_audio(payload)
+    except AudioDecodeError as error:
+        raise UserError(f"--audio {path} is not readable audio ({error.reason})") from None
+    return payload
 
 
 def run_generate(args: argparse.Namespace) -> None:
     from opt.downstream.text_to_image import generate_images, prompt_batch, save_generations
 
     prompts = _read_prompts(args)
-    audio = None
-    if args.audio:
-        if not Path(args.audio).is_file():
-            raise UserError(f"audio file not found: {args.audio}")
-        audio = Path(args.audio).read_bytes()
+    audio = _read_audio(args.audio) if args.audio else None
     loaded = _load(args)
     repeated = [p for p in prompts for _ in range(args.n)]
     batch = prompt_batch(loaded, repeated, [audio] * len(repeated) if audio is not None else None)
@@ -161,14 +188,17 @@ def _directions(args: argparse.Namespace) -> dict[str, tuple[tuple[str, ...], st
 
 
 def run_retrieve(args: argparse.Namespace) -> None:
-    from opt.downstream.common import encode_split
+    from opt import MODALITIES
+    from opt.downstream.common import describe_counts, encode_split
     from opt.downstream.retrieval import retrieve
     from opt.files import write_atomic
 
     directions = _directions(args)
+    needed = [m for m in MODALITIES if any(m in (*query, target) for query, target in directions.values())]
     loaded = _load(args)
-    split = encode_split(loaded, args.data, limit=args.limit)
-    results = {}
+    split = encode_split(loaded, args.data, modalities=needed, limit=args.limit)
+    results: dict = {"data": split.data_stats.as_dict()}
+    print(f"data: {describe_counts(results['data'])}")
     for name, (query, target) in directions.items():
         results[name] = retrieve(loaded, split, query, target, rerank_k=args.rerank_k,
                                  caption_likelihood=args.caption_likelihood)
@@ -180,6 +210,7 @@ def run_retrieve(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from opt.downstream.common import describe_counts
     from opt.downstream.evaluate import EvalSettings, evaluate_directory
     from opt.downstream.report import split_names
 
@@ -196,6 +227,7 @@ def run_eval(args: argparse.Namespace) -> None:
     results = evaluate_directory(_load(args), args.data, args.out, settings=settings, curves=curves,
                                  model_name=Path(args.model).name)
     for split in split_names(results):
+        print(f"{split}: {describe_counts(results[split]['data'])}")
         retrieval = results[split]["retrieval"]
         captions = results[split]["captioning"]
         print(f"{split}: a2t R@1 {retrieval['a2t']['r1']:.3f}, t2i R@1 {retrieval['t2i']['r1']:.3f}, "

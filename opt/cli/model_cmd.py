@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from opt.cli.common import DATA_HELP, add_command_group, add_config_arguments, config_from_args
+from opt.cli.common import DATA_HELP, add_command_group, add_config_arguments, config_from_args, output_folder
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -12,7 +12,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     train = vq_sub.add_parser("train", help="train the VQ image tokenizer on shard images")
     train.add_argument("--data", required=True, help=DATA_HELP)
     train.add_argument("--val", help="validation shards for PSNR and codebook usage (default: a few training batches)")
-    train.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, PNG, metrics)")
+    train.add_argument("--out", type=output_folder, required=True,
+                       help="output directory (config.json, model.safetensors, PNG, metrics)")
     add_config_arguments(train)
     train.set_defaults(handler=run_vq_train)
 

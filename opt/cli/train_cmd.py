@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from opt.cli.common import add_config_arguments, config_from_args
+from opt.cli.common import add_config_arguments, config_from_args, output_file, output_folder
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -19,13 +19,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     export = commands.add_parser("export", help="turn a run's newest checkpoint into a model directory")
     export.add_argument("run_dir", metavar="RUN", help="training run directory")
-    export.add_argument("--out", required=True, help="output model directory")
+    export.add_argument("--out", type=output_folder, required=True, help="output model directory")
     export.add_argument("--checkpoint", help="a specific checkpoint directory (default: the newest)")
     export.set_defaults(handler=run_export)
 
     plot = commands.add_parser("plot", help="write PNG curves of a run's metrics")
     plot.add_argument("run_dir", metavar="RUN", help="training run directory")
-    plot.add_argument("--out", help="output PNG (default RUN/curves.png)")
+    plot.add_argument("--out", type=output_file, help="output PNG (default RUN/curves.png)")
     plot.set_defaults(handler=run_plot)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opt.data.pipeline import DataStats
 from opt.downstream.caption_metrics import caption_scores, word_error_rate
 from opt.downstream.common import LoadedModel, iterate_batches
 from opt.downstream.plugins import EvaluationPlugin
@@ -53,17 +54,17 @@ def caption_batch(loaded: LoadedModel, batch: dict, sources: tuple[str, ...], *,
 
 
 def caption_split(loaded: LoadedModel, data: str, inputs: str, *, beam: int = 1, limit: int | None = None,
-                  batch_size: int = 64) -> list[Caption]:
-    """Caption every sample of ``data`` (at most ``limit``)."""
+                  batch_size: int = 64, stats: DataStats | None = None) -> list[Caption]:
+    """Caption every sample of ``data`` that has the ``inputs`` (at most ``limit``); the captions
+    are read too, as references. The samples used, skipped and repaired are added to ``stats``."""
     sources = parse_inputs(inputs)
     out = []
-    for batch in iterate_batches(loaded, data, batch_size=batch_size, limit=limit):
-        present = torch.stack([batch[m]["present"] for m in sources]).all(0).tolist()
+    for batch in iterate_batches(loaded, data, modalities=(*sources, "text"), require=sources,
+                                 batch_size=batch_size, limit=limit, stats=stats):
         captions = caption_batch(loaded, batch, sources, beam=beam)
-        for key, caption, reference, meta, ok in zip(batch["keys"], captions, batch["captions"], batch["meta"],
-                                                     present):
-            if ok:
-                out.append(Caption(key, caption, reference or "", meta))
+        for key, caption, reference, meta in zip(batch["keys"], captions, batch["captions"], batch["meta"],
+                                                 strict=True):
+            out.append(Caption(key, caption, reference or "", meta))
     return out
 
 

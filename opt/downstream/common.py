@@ -2,10 +2,18 @@
 split through the training pipeline with the model's own data settings, and
 encoding a whole split once (unimodal tokens and tower embeddings kept on the
 CPU, so retrieval can score every candidate and re-rank with the cross encoder).
+
+A split is read with the modalities a task needs, each of them required: a
+sample that lacks one, or whose member is corrupt, is skipped and counted.
+The counts travel back to the caller (``iterate_batches(stats=...)``,
+``EncodedSplit.data_stats``), which reports them as ``used N of M samples
+(K skipped: reason: count, ...)``; a split without one usable sample is a
+:class:`~opt.errors.UserError`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +25,7 @@ import torch.nn.functional as F
 from opt import MODALITIES
 from opt.config import DataConfig
 from opt.data.batch import batch_rows, to_device
-from opt.data.pipeline import BatchLoader
+from opt.data.pipeline import BatchLoader, DataStats
 from opt.errors import UserError
 from opt.model.opt_model import OPTModel
 from opt.text.tokenizer import TextTokenizer
@@ -37,17 +45,46 @@ def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
         raise UserError(f"{directory} is not a model directory (no config.json); make one with opt export")
     if not (directory / "tokenizer.model").is_file():
         raise UserError(f"{directory} has no tokenizer.model; export the model together with its tokenizer")
-    target = torch.device(device)
+    target = resolve_device(device)
     model = OPTModel.from_pretrained(directory).to(target).eval()
     return LoadedModel(model, TextTokenizer.from_file(directory / "tokenizer.model"), target)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``), checked to exist on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device {name!r}: CUDA is not available on this machine")
+        if (device.index or 0) >= count:
+            raise UserError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return device
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):  # a backend this build or machine lacks (mps, xpu, ...)
+        raise UserError(f"device {name!r} is not available on this machine") from None
+    return device
+
+
 def data_settings(loaded: LoadedModel, *, batch_size: int = 64, workers: int = 0,
-                  modalities: Sequence[str] = MODALITIES) -> DataConfig:
-    """Data settings that read ``modalities`` exactly as the model was trained to see them."""
+                  modalities: Sequence[str] = MODALITIES, require: Sequence[str] = ()) -> DataConfig:
+    """Data settings that read ``modalities`` exactly as the model was trained to see them
+    (a sample missing one of ``require`` is skipped)."""
     spec = loaded.model.spec
-    return DataConfig(modalities=list(modalities), image_size=spec.image_size, max_text_tokens=spec.max_text_tokens,
-                      batch_size=batch_size, workers=workers)
+    return DataConfig(modalities=list(modalities), require=list(require), image_size=spec.image_size,
+                      max_text_tokens=spec.max_text_tokens, batch_size=batch_size, workers=workers)
+
+
+def describe_counts(counts: dict) -> str:
+    """``used N of M samples (K skipped: reason: count, ...)`` from ``DataStats.as_dict()``."""
+    skipped = sum(counts["skipped"].values())
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in counts["skipped"].items())
+    return (f"used {counts['used']} of {counts['used'] + skipped} samples "
+            f"({skipped} skipped{': ' + reasons if reasons else ''})")
 
 
 def caption_log_likelihood(model: OPTModel, fused: dict, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -58,20 +95,34 @@ def caption_log_likelihood(model: OPTModel, fused: dict, ids: torch.Tensor, real
     return (token * real[:, 1:]).sum(1)
 
 
-def iterate_batches(loaded: LoadedModel, data: str, *, batch_size: int = 64, limit: int | None = None,
-                    workers: int = 0) -> Iterator[dict]:
-    """Batches of a shard spec in order (each sample once), at most ``limit`` samples."""
-    settings = data_settings(loaded, batch_size=batch_size, workers=workers)
-    seen = 0
-    for batch in BatchLoader(data, settings, loaded.model.spec.audio, loaded.tokenizer, train=False):
-        if limit is not None and seen + len(batch["keys"]) > limit:
-            keep = limit - seen
-            batch = batch_rows(batch, list(range(keep)))
-        seen += len(batch["keys"])
-        if batch["keys"]:
-            yield to_device(batch, loaded.device)
-        if limit is not None and seen >= limit:
-            return
+def iterate_batches(loaded: LoadedModel, data: str, *, modalities: Sequence[str] = MODALITIES,
+                    require: Sequence[str] = (), batch_size: int = 64, limit: int | None = None, workers: int = 0,
+                    stats: DataStats | None = None) -> Iterator[dict]:
+    """Batches of a shard spec in order (each sample once), at most ``limit`` samples, reading
+    ``modalities`` and skipping the samples that lack one of ``require``.
+
+    The samples used and the skips and repairs of the samples read are added to ``stats``
+    when given; a spec without one usable sample raises :class:`UserError`.
+    """
+    settings = data_settings(loaded, batch_size=batch_size, workers=workers, modalities=modalities, require=require)
+    loader = BatchLoader(data, settings, loaded.model.spec.audio, loaded.tokenizer, train=False)
+    batches, used = iter(loader), 0
+    try:
+        for batch in batches:
+            if limit is not None and used + len(batch["keys"]) > limit:
+                batch = batch_rows(batch, list(range(limit - used)))
+            used += len(batch["keys"])
+            if batch["keys"]:
+                yield to_device(batch, loaded.device)
+            if limit is not None and used >= limit:
+                break
+    finally:
+        batches.close()  # the loader adds its last counts when it closes
+        read = DataStats(skips=dict(loader.stats.skips), repaired=Counter(loader.stats.repaired), samples=used)
+        if stats is not None:
+            stats.add(read)
+    if used == 0:
+        raise UserError(f"no usable samples in {data}: {describe_counts(read.as_dict())}")
 
 
 @dataclass
@@ -83,8 +134,9 @@ class EncodedSplit:
     captions: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
     unimodal: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    pixels: torch.Tensor | None = None  # (N, 3, H, W) in [0, 1], for pictures in reports
+    pixels: torch.Tensor | None = None  # (N, 3, H, W) in [0, 1], for pictures in reports (when image is read)
     text_ids: torch.Tensor | None = None  # (N, t) caption token ids (bos ... eos, pad after), for decoder scores
+    data_stats: DataStats = field(default_factory=DataStats)  # samples used, skipped and repaired by the read
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -105,24 +157,26 @@ def _pad_cat(parts: list[torch.Tensor], value) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_split(loaded: LoadedModel, data: str, *, limit: int | None = None, batch_size: int = 64) -> EncodedSplit:
-    """Run the single-modal encoders over every sample of ``data``."""
+def encode_split(loaded: LoadedModel, data: str, *, modalities: Sequence[str] = MODALITIES, limit: int | None = None,
+                 batch_size: int = 64) -> EncodedSplit:
+    """Run the single-modal encoders over every sample of ``data`` that has all of ``modalities``."""
     split = EncodedSplit()
-    parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {"tokens": [], "mask": [], "pooled": []} for m in MODALITIES}
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {"tokens": [], "mask": [], "pooled": []} for m in modalities}
     pixels, ids = [], []
-    for batch in iterate_batches(loaded, data, batch_size=batch_size, limit=limit):
-        pixels.append(batch["image"]["pixels"].cpu())
-        ids.append(batch["text"]["ids"].masked_fill(~batch["text"]["mask"], loaded.tokenizer.pad_id).cpu())
+    for batch in iterate_batches(loaded, data, modalities=modalities, require=modalities, batch_size=batch_size,
+                                 limit=limit, stats=split.data_stats):
+        if "image" in batch:
+            pixels.append(batch["image"]["pixels"].cpu())
+        if "text" in batch:
+            ids.append(batch["text"]["ids"].masked_fill(~batch["text"]["mask"], loaded.tokenizer.pad_id).cpu())
         split.keys += batch["keys"]
         split.captions += batch["captions"]
         split.meta += batch["meta"]
-        for modality, out in loaded.model.encode_unimodal(batch).items():
+        for modality, out in loaded.model.encode_unimodal(batch, modalities=modalities).items():
             for name in ("tokens", "mask", "pooled"):
                 parts[modality][name].append(out[name].float().cpu())
-    if not split.keys:
-        raise UserError(f"no samples in {data}")
-    split.pixels = torch.cat(pixels)
-    split.text_ids = _pad_cat([i[..., None] for i in ids], loaded.tokenizer.pad_id)[..., 0]
+    split.pixels = torch.cat(pixels) if pixels else None
+    split.text_ids = _pad_cat([i[..., None] for i in ids], loaded.tokenizer.pad_id)[..., 0] if ids else None
     for modality, tensors in parts.items():
         if tensors["tokens"]:
             split.unimodal[modality] = {"tokens": _pad_cat(tensors["tokens"], 0.0),

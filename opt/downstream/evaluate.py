@@ -7,9 +7,11 @@ metrics read against a dataset's own annotations, come from a plug-in
 ``test_novel`` and the attribute accuracy of captions and of generated images.
 
 ``metrics.json`` is nested split -> task -> direction or input -> metric:
-``{"test": {"retrieval": {"a2t": {"r1": ...}}, "captioning": {"image": {...}},
+``{"test": {"data": {...}, "retrieval": {"a2t": {"r1": ...}}, "captioning": {"image": {...}},
 "text_to_image": {"text": {...}}}, "test_novel": {...}, "seconds": {...}, "machine": {...}}``
-(``machine``: the processor and its measured fp32 matmul speed, which the times depend on).
+(``data``: the samples used, skipped and repaired, by reason, when the split was read with every
+modality; each captioning input holds its own ``data``, since it reads only what it needs;
+``machine``: the processor and its measured fp32 matmul speed, which the times depend on).
 Beside it: per split a grid of generated images under their prompts and a grid
 of split images with their generated captions, the training curves when given,
 and the report (:mod:`opt.downstream.report`).
@@ -28,6 +30,7 @@ import torch
 
 from opt.benchmarking import machine_summary
 from opt.downstream.captioning import INPUTS, Caption, caption_metrics, caption_split
+from opt.data.pipeline import DataStats
 from opt.downstream.common import EncodedSplit, LoadedModel, encode_split
 from opt.downstream.plugins import EvaluationPlugin, find_splits
 from opt.downstream.report import render_report
@@ -74,7 +77,7 @@ def evaluate_split(loaded: LoadedModel, shards: str, settings: EvalSettings, *,
     start = time.perf_counter()
     split = encode_split(loaded, shards, limit=settings.limit)
     timings["encode"] = time.perf_counter() - start
-    metrics: dict[str, dict] = {"retrieval": {}, "captioning": {}}
+    metrics: dict[str, dict] = {"data": split.data_stats.as_dict(), "retrieval": {}, "captioning": {}}
     start = time.perf_counter()
     for name, (query, target) in DIRECTIONS.items():
         metrics["retrieval"][name] = retrieve(loaded, split, query, target, rerank_k=settings.rerank_k,
@@ -83,9 +86,10 @@ def evaluate_split(loaded: LoadedModel, shards: str, settings: EvalSettings, *,
     start = time.perf_counter()
     shown = {}
     for inputs in INPUTS:
-        captions = caption_split(loaded, shards, inputs, beam=settings.beam, limit=settings.limit)
+        read = DataStats()
+        captions = caption_split(loaded, shards, inputs, beam=settings.beam, limit=settings.limit, stats=read)
         metrics["captioning"][inputs] = caption_metrics(captions, inputs, with_meteor=settings.with_meteor,
-                                                        plugins=plugins)
+                                                        plugins=plugins) | {"data": read.as_dict()}
         shown[inputs] = captions[:GRID_COUNT]
     timings["captioning"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -100,13 +104,15 @@ def evaluate_split(loaded: LoadedModel, shards: str, settings: EvalSettings, *,
 
 
 def _caption_grid(pictures: SplitPictures, out: Path) -> Path:
-    """Split images with the captions generated from image and from audio."""
+    """Split images with the captions generated from image and from audio (captioning reads fewer
+    modalities than the split was encoded with, so it may keep samples the split skipped)."""
     split, shown = pictures.split, pictures.captions
-    keys = {c.key: c for c in shown["image"]}
+    rows = {key: row for row, key in enumerate(split.keys)}
+    keys = {c.key: c for c in shown["image"] if c.key in rows}
     from_audio = {c.key: c.caption for c in shown["audio"]}
     images, titles = [], []
     for key in keys:
-        images.append(split.pixels[split.keys.index(key)])
+        images.append(split.pixels[rows[key]])
         titles.append(f"from image: {keys[key].caption}\nfrom audio: {from_audio.get(key, '-')}\n"
                       f"truth: {keys[key].reference}")
     return save_image_grid(images, out, titles=titles, columns=4, title_lines=10)

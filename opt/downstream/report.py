@@ -1,12 +1,14 @@
 """The ``report.md`` of ``opt eval`` (:mod:`opt.downstream.evaluate`), rendered
-from its metrics: the tables with the splits side by side (``test / test_novel``
-on the synthetic world), the pictures, the training curves when given, the
-time each task took and the machine it ran on.
+from its metrics: the samples each split used and skipped, the tables with the
+splits side by side (``test / test_novel`` on the synthetic world), the
+pictures, the training curves when given, the time each task took and the
+machine it ran on.
 """
 
 from __future__ import annotations
 
 from opt.downstream.captioning import INPUTS
+from opt.downstream.common import describe_counts
 from opt.downstream.retrieval import DIRECTIONS
 
 
@@ -42,6 +44,9 @@ def _table(results: dict, task: str, rows: list[str], columns: list[str]) -> lis
 def render_report(results: dict, figures: dict[str, str], model_name: str) -> str:
     """The markdown report: tables with the splits side by side, then the pictures."""
     lines = [f"# OPT evaluation{': ' + model_name if model_name else ''}", ""]
+    lines += ["## Data", "", "Each split read with every modality: a corrupt sample, or one lacking a modality, "
+              "is skipped.", ""]
+    lines += [f"- {split}: {describe_counts(results[split]['data'])}" for split in split_names(results)] + [""]
     lines += ["## Retrieval", "",
               "Pool: the whole split. Two-tower ranking of every candidate, then cross-encoder re-ranking "
               "of the top K; `two_tower.r1`: before re-ranking.", ""]

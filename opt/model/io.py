@@ -2,7 +2,8 @@
 
 Directories are written under a temporary name and renamed into place, so a
 reader never sees a half-written model. Loading uses safetensors only, so it
-never unpickles anything.
+never unpickles anything; a missing, unreadable or mismatched file is a
+:class:`~opt.errors.UserError` naming it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -46,13 +48,19 @@ def save_directory(module: nn.Module, config: dict[str, Any], out: str | Path,
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
+    """The JSON object of ``directory/config.json``."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise UserError(f"not a model directory (no {CONFIG_NAME}): {directory}")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a JSON file (not UTF-8 text)") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object of settings")
+    return config
 
 
 def load_weights(module: nn.Module, directory: str | Path) -> None:
@@ -60,7 +68,13 @@ def load_weights(module: nn.Module, directory: str | Path) -> None:
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise UserError(f"not a model directory (no {WEIGHTS_NAME}): {directory}")
-    missing, unexpected = load_model(module, str(path), strict=False)
+    try:
+        missing, unexpected = load_model(module, str(path), strict=False)
+    except SafetensorError as error:
+        raise UserError(f"{path} is not a readable safetensors file ({error})") from None
+    except RuntimeError as error:  # a tensor of another shape
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
+        raise UserError(f"{path} does not match the model config: {mismatch}") from None
     if missing or unexpected:
         problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise UserError(f"{path} does not match the model config: {problem}")

@@ -29,7 +29,7 @@ from opt.errors import UserError
 from opt.model.cross import CrossModalEncoder
 from opt.model.decoders import ImageTokenDecoder, TextDecoder
 from opt.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
-from opt.model.io import load_weights, read_config, save_directory
+from opt.model.io import CONFIG_NAME, load_weights, read_config, save_directory
 from opt.model.layers import init_weights
 from opt.model.vq import DOWNSAMPLE, VQTokenizer, load_vq, save_vq
 from opt.text.tokenizer import SPECIAL_IDS
@@ -264,7 +264,13 @@ class OPTModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "OPTModel":
         """Load a directory written by :meth:`save_pretrained` (safetensors; nothing is unpickled)."""
-        spec = ModelSpec.from_dict(read_config(directory)["spec"])
+        config, path = read_config(directory), Path(directory) / CONFIG_NAME
+        if not isinstance(config.get("spec"), dict):
+            raise UserError(f'{path} does not describe an OPT model (no "spec" object)')
+        try:
+            spec = ModelSpec.from_dict(config["spec"])
+        except (KeyError, TypeError) as error:
+            raise UserError(f"{path}: the model spec does not fit this version of opt ({error})") from None
         model = cls(spec)
         load_weights(model, directory)
         model.load_vq(Path(directory) / "vq")
