@@ -158,3 +158,14 @@ def test_a_checkpoint_folder_removed_during_a_save_is_one_line(train_overrides, 
     monkeypatch.setattr(DeepSpeedBackend, "save", original)
     train(train_overrides, tmp_path, 2)  # the next save recreates the folder
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["step-00000002"]
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "tokenizer.model", "vq/model.safetensors", "vq/config.json"])
+def test_a_crafted_pickle_elsewhere_in_a_run_directory_never_runs(train_overrides, tmp_path, capsys, name):
+    train(train_overrides, tmp_path / "run", 2)
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "run" / name).write_bytes(crafted_pickle(marker))
+    code = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")])
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("opt:")]  # (torch may warn at import)
+    assert code == 2 and len(ours) == 1 and "Traceback" not in err and not marker.exists()
