@@ -20,9 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from opt.errors import UserError
+from opt.logs import warn
 
 PATTERN = re.compile(r"^step-(\d{8})$")
 
@@ -144,7 +143,7 @@ class CheckpointStore:
             if self.backend.rank == 0:
                 reason = describe(failure) if failure else "unreadable on another rank"
                 moved = move_aside(directory)
-                tqdm.write(f"warning: checkpoint {directory} cannot be used ({reason}); moved to {moved}, "
+                warn(f"checkpoint {directory} cannot be used ({reason}); moved to {moved}, "
                            "trying the previous one")
             self.backend.barrier()
         return None

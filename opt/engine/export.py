@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from opt.config import load_config
 from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import fp32_state_dict
 from opt.errors import UserError
+from opt.logs import warn
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.text.tokenizer import TextTokenizer
 
@@ -22,7 +22,7 @@ def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, torch.Tens
         try:
             return directory, {k: v.float() for k, v in fp32_state_dict(directory).items()}
         except Exception as error:  # truncated, refused or incomplete: try the one before
-            tqdm.write(f"warning: checkpoint {directory} cannot be read ({checkpoints.describe(error)}); "
+            warn(f"checkpoint {directory} cannot be read ({checkpoints.describe(error)}); "
                        "trying the previous one")
     raise UserError(f"no readable checkpoint among {', '.join(str(c) for c in candidates)}")
 

@@ -27,13 +27,14 @@ from tqdm import tqdm
 
 from opt.config import Config, save_config
 from opt.data.batch import to_device
-from opt.data.pipeline import BatchLoader
+from opt.data.pipeline import BatchLoader, DataStats
 from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import DeepSpeedBackend, any_rank, init_distributed
 from opt.engine.run_lock import SIGNAL_EXIT_CODES, RunLock, StopSignals
 from opt.engine.schedule import warmup_decay
 from opt.errors import UserError
 from opt.files import write_atomic
+from opt.logs import info, warn
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.model.vq import save_vq
 from opt.tasks.mixture import TaskMixture
@@ -74,7 +75,7 @@ def build_optimizer(model: torch.nn.Module, config: Config):
     return optimizer, scheduler
 
 
-def data_record(stats) -> dict[str, int]:
+def data_record(stats: DataStats) -> dict[str, int]:
     """The loader's counts for ``metrics.jsonl``: samples used, skipped in all and by reason."""
     skipped = stats.skipped
     return {"data/used": stats.samples, "data/skipped": sum(skipped.values())} | {
@@ -183,7 +184,7 @@ class Trainer:
     def _resume_newest(self) -> None:
         directory = self.checkpoints.resume_newest(self._restore)
         if directory is not None:
-            tqdm.write(f"resumed from {directory} at step {self.step}")
+            info(f"resumed from {directory} at step {self.step}")
 
     # -- training ------------------------------------------------------------------------------
 
@@ -293,14 +294,17 @@ class Trainer:
         self._close(bar, writer, loader)
         return record
 
-    def _close(self, bar, writer, loader: BatchLoader) -> None:
+    def _close(self, bar: tqdm, writer: SummaryWriter | None, loader: BatchLoader) -> None:
+        """Close the progress bar and the log; the main process writes the loader's counts."""
         bar.close()
         if writer is not None:
             writer.close()
             write_atomic(self.run / "data_stats.json", (json.dumps(loader.stats.as_dict(), indent=2) + "\n").encode())
-            tqdm.write(loader.stats.summary())
+            info(loader.stats.summary())
 
-    def _interrupt(self, received, saved: bool, bar, writer, loader: BatchLoader) -> None:
+    def _interrupt(self, received: signal.Signals, saved: bool, bar: tqdm, writer: SummaryWriter | None,
+                   loader: BatchLoader) -> None:
+        """Checkpoint the step just finished (unless it was) and stop with the signal's exit code."""
         path = checkpoints.checkpoint_root(self.run) / checkpoints.checkpoint_name(self.step)
         if not saved:
             path = self.save_checkpoint()
@@ -311,8 +315,8 @@ class Trainer:
     def _nonfinite(self, what: str) -> None:
         self.nonfinite["in_a_row"] += 1
         self.nonfinite["total"] += 1
-        tqdm.write(f"warning: step {self.step + 1}: non-finite {what}; step skipped "
-                   f"({self.nonfinite['in_a_row']} in a row)")
+        warn(f"step {self.step + 1}: non-finite {what}; step skipped ({self.nonfinite['in_a_row']} in a row)",
+             every_rank=True)
         if self.nonfinite["in_a_row"] >= self.config.train.max_nonfinite:
             path = self.save_checkpoint()
             raise TrainingStopped(f"{self.nonfinite['in_a_row']} non-finite steps in a row at step {self.step}; "
