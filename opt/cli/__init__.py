@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if args.debug:
             raise
-        sys.stderr.write(f"opt: error: {error}\n")
+        label = "error: " if error.exit_code == 2 else ""  # a run stopped by a signal is not a mistake
+        sys.stderr.write(f"opt: {label}{error}\n")
         return error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("opt: interrupted\n")
