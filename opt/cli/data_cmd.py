@@ -8,7 +8,8 @@ import time
 from opt.cli.common import (DATA_HELP, add_command_group, add_config_arguments, config_from_args, non_negative_int,
                              output_file, output_folder, positive_int)
 from opt.data.clean import FILTERS, CleanSettings, clean_shards, load_boilerplate, report_name
-from opt.data.convert import convert_localized_narratives, convert_manifest
+from opt.data.convert import (convert_audio_captions, convert_coco_captions, convert_localized_narratives,
+                              convert_manifest)
 from opt.data.convert.common import summary_line
 from opt.data.pipeline import BatchLoader
 from opt.data.preview import preview_grid
@@ -52,6 +53,23 @@ def register(commands: argparse._SubParsersAction) -> None:
                             help="cut longer narrations at an utterance boundary; 0 keeps them whole (default 10)")
     _add_conversion_arguments(narratives)
     narratives.set_defaults(handler=run_localized_narratives)
+
+    coco = sub.add_parser("coco-captions", help="COCO caption JSON (or Flickr30k in that format) to shards, "
+                          "one sample per caption")
+    coco.add_argument("--annotations", required=True, help="caption file (captions_train2017.json ...)")
+    coco.add_argument("--images", required=True, help="folder the images' file_name is relative to")
+    _add_conversion_arguments(coco)
+    coco.set_defaults(handler=run_coco_captions)
+
+    audio_captions = sub.add_parser("audio-captions", help="AudioCaps or Clotho caption CSV to shards, "
+                                    "one sample per caption")
+    audio_captions.add_argument("--csv", required=True, help="caption CSV (AudioCaps train.csv, Clotho "
+                                "clotho_captions_development.csv ...); the layout is told by its header")
+    audio_captions.add_argument("--audio", required=True, help="folder of the clips (.wav, .flac, .ogg)")
+    audio_captions.add_argument("--max-audio-seconds", type=float, default=0.0,
+                                help="keep the first S seconds of longer clips; 0 keeps them whole (default 0)")
+    _add_conversion_arguments(audio_captions)
+    audio_captions.set_defaults(handler=run_audio_captions)
 
     manifest = sub.add_parser("manifest", help="a jsonl or csv manifest of image, text, audio to shards")
     manifest.add_argument("--manifest", required=True, help="FILE.jsonl or FILE.csv with image, text, audio")
@@ -120,6 +138,21 @@ def run_localized_narratives(args: argparse.Namespace) -> None:
         [path for path in args.annotations.split(",") if path], images=args.images, audio=args.audio, out=args.out,
         prefix=args.prefix, shard_size=args.shard_size, workers=args.workers,
         max_audio_seconds=args.max_audio_seconds)
+    _print_conversion(summary, args, time.perf_counter() - start)
+
+
+def run_coco_captions(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    summary = convert_coco_captions(args.annotations, images=args.images, out=args.out, prefix=args.prefix,
+                                    shard_size=args.shard_size, workers=args.workers)
+    _print_conversion(summary, args, time.perf_counter() - start)
+
+
+def run_audio_captions(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    summary = convert_audio_captions(args.csv, audio=args.audio, out=args.out, prefix=args.prefix,
+                                     shard_size=args.shard_size, workers=args.workers,
+                                     max_audio_seconds=args.max_audio_seconds)
     _print_conversion(summary, args, time.perf_counter() - start)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -96,6 +97,22 @@ def convert_to_shards(converter: Converter, *, name: str, inputs: list[str], row
     summary = _summarize(name, prefix, total, jobs)
     write_atomic(out / f"{prefix}-summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     return summary
+
+
+def input_file(path: str | Path, option: str) -> Path:
+    """An input file that exists; a :class:`UserError` naming ``option`` otherwise."""
+    path = Path(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{option}: no such file: {path}")
+    return path
+
+
+def input_folder(path: str | Path, option: str) -> Path:
+    """An input folder that exists; a :class:`UserError` naming ``option`` otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{option}: no such directory: {path}")
+    return path
 
 
 def _claim(out: Path, settings: dict) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opt.data.convert.common import Sample, convert_to_shards
+from opt.data.convert.common import Sample, convert_to_shards, input_folder
 from opt.data.convert.media import SAMPLE_RATE, Skip, encode_flac, encode_text, inside, read_image, read_speech
 from opt.data.convert.rows import JsonLines, Row
 from opt.errors import UserError
@@ -173,13 +173,6 @@ def _jpeg_index(root: Path) -> dict[str, Path]:
     return index
 
 
-def _directory(path: str | Path, option: str) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{option}: no such directory: {path}")
-    return path
-
-
 def convert_localized_narratives(annotations: list[str], *, images: str | Path, audio: str | Path, out: str | Path,
                                  prefix: str = "train", shard_size: int = 1000, workers: int = 1,
                                  max_audio_seconds: float = 10.0, progress: bool = True) -> dict:
@@ -189,7 +182,8 @@ def convert_localized_narratives(annotations: list[str], *, images: str | Path, 
         raise UserError(f"--max-audio-seconds must be >= 0, got {max_audio_seconds}")
     if not annotations:
         raise UserError("--annotations names no file")
-    converter = LocalizedNarratives(_directory(images, "--images"), _directory(audio, "--audio"), max_audio_seconds)
+    converter = LocalizedNarratives(input_folder(images, "--images"), input_folder(audio, "--audio"),
+                                    max_audio_seconds)
     return convert_to_shards(converter, name="localized_narratives", inputs=[str(a) for a in annotations],
                              rows=JsonLines(), out=out, prefix=prefix, shard_size=shard_size, workers=workers,
                              options={"max_audio_seconds": max_audio_seconds, "sample_rate": SAMPLE_RATE},
