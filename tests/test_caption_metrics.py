@@ -35,8 +35,9 @@ def no_network(monkeypatch):
 
 def test_perfect_predictions_score_high_on_every_metric():
     scores = caption_scores(PERFECT, REFERENCES)
-    assert set(scores) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"}
+    assert set(scores) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice"}
     assert scores["bleu_4"] > 0.99 and scores["rouge_l"] > 0.99
+    assert scores["spice"] is None or scores["spice"] > 0.9  # None unless Stanford CoreNLP is installed locally
     assert scores["meteor"] > 0.9
     assert scores["cider"] > 5.0  # CIDEr-D is scaled by 10
 

@@ -37,9 +37,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     caption.add_argument("--data", required=True, help=DATA_HELP)
     caption.add_argument("--inputs", default="image", help="image, audio or image+audio (default image)")
     caption.add_argument("--out", type=output_file, required=True,
-                         help="output JSON lines, one {key, caption} per sample")
+                         help="output JSON lines, one {key, caption} per sample (per group where "
+                         "samples share an image or clip)")
     caption.add_argument("--beam", type=positive_int, default=1, help="beam size, 1 = greedy (default 1)")
-    caption.add_argument("--limit", type=positive_int, help="caption at most this many samples")
+    caption.add_argument("--limit", type=positive_int, help="read at most this many samples")
     caption.add_argument("--no-references", dest="references", action="store_false",
                          help="skip the metrics against the shard captions")
     caption.set_defaults(handler=run_caption)

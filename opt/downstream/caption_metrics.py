@@ -11,8 +11,13 @@
   punctuation is used instead, with a warning.
 - METEOR also runs on ``java``; without it METEOR is None, with a warning.
   Its jar loads a large paraphrase table (~10 s), so it can be skipped.
-- Nothing is downloaded: the jars and METEOR's data ship in the package; only
-  SPICE would download models, and it is not used.
+- SPICE also runs on ``java`` and needs Stanford CoreNLP 3.6.0 (its jar and
+  its models' jar) in pycocoevalcap's ``spice/lib``, which the package would
+  download on first use: here it is never downloaded. Without them SPICE is
+  None, with a warning. Install them by hand where SPICE is wanted.
+- Nothing else is needed: the other jars and METEOR's data ship in the package.
+- Every metric takes several references per sample (COCO: five captions per
+  image); a predicted caption identical to any of them is a perfect BLEU-1.
 - Word error rate comes from ``jiwer``, over the corpus (all word edits over
   all reference words), on lower-cased text without punctuation. With
   several references for a sample, the one needing the fewest edits counts.
@@ -24,14 +29,18 @@ import atexit
 import functools
 import re
 import shutil
+import subprocess
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import jiwer
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
+import pycocoevalcap.spice.get_stanford_models as corenlp
+from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 Captions = dict[Hashable, list[str]]
@@ -90,6 +99,26 @@ def _meteor(references: Captions, predictions: Captions) -> float | None:
     return float(score)
 
 
+def spice_models() -> list[Path]:
+    """The Stanford CoreNLP jars SPICE needs, where pycocoevalcap looks for them."""
+    lib = Path(corenlp.SPICEDIR) / corenlp.SPICELIB
+    return [lib / f"{corenlp.JAR}{suffix}.jar" for suffix in ("", "-models")]
+
+
+def _spice(references: Captions, predictions: Captions) -> float | None:
+    """Mean SPICE F-score, or None (with a warning) without java or the CoreNLP jars: never downloads them."""
+    missing = [str(path) for path in spice_models() if not path.is_file()]
+    if not _java_available() or missing:
+        warnings.warn(f"SPICE is not computed: it needs java and {', '.join(missing) or 'the CoreNLP jars'}")
+        return None
+    try:
+        score, _ = Spice().compute_score(references, predictions)
+    except (OSError, subprocess.CalledProcessError) as error:
+        warnings.warn(f"SPICE failed ({error}): not computed")
+        return None
+    return float(score)
+
+
 def _check_keys(predictions: Mapping, references: Mapping) -> None:
     missing, extra = set(references) - set(predictions), set(predictions) - set(references)
     if missing or extra:
@@ -104,7 +133,8 @@ def caption_scores(predictions: Mapping[Hashable, str], references: Mapping[Hash
     """COCO caption metrics of one predicted caption per key against its reference captions.
 
     Returns ``bleu_1`` .. ``bleu_4``, ``meteor`` (None without java or when
-    ``with_meteor`` is False), ``rouge_l`` and ``cider``.
+    ``with_meteor`` is False), ``rouge_l``, ``cider`` and ``spice`` (None
+    without java or the CoreNLP jars).
     """
     _check_keys(predictions, references)
     if any(len(texts) == 0 for texts in references.values()):
@@ -118,6 +148,7 @@ def caption_scores(predictions: Mapping[Hashable, str], references: Mapping[Hash
     scores["meteor"] = _meteor(tokenized_references, tokenized_predictions) if with_meteor else None
     scores["rouge_l"] = float(rouge)
     scores["cider"] = float(cider)
+    scores["spice"] = _spice(tokenized_references, tokenized_predictions)
     return scores
 
 

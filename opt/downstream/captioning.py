@@ -7,18 +7,27 @@ COCO caption metrics, and each dataset plug-in given
 (:mod:`opt.downstream.plugins`) adds its own: on the synthetic world the
 attribute accuracy, the fraction of objects whose size, colour, shape and
 position/relation the caption states correctly against ``KEY.json``.
+
+With several captions per image or clip (samples sharing a ``group``,
+:func:`~opt.downstream.common.group_of`), each group is captioned once, from
+its first sample, and scored against every caption of the group (COCO
+protocol); a sample without a group is captioned and scored on its own. The
+word error rate compares a transcript with the caption of the sample it was
+made from (its spoken words), not with the group's other captions, which say
+the same thing in other words.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from opt.data.batch import batch_rows
 from opt.data.pipeline import DataStats
 from opt.downstream.caption_metrics import caption_scores, word_error_rate
-from opt.downstream.common import LoadedModel, iterate_batches
+from opt.downstream.common import LoadedModel, group_of, iterate_batches
 from opt.downstream.plugins import EvaluationPlugin
 from opt.errors import UserError
 from opt.model.generation import beam_search, generate_text
@@ -28,10 +37,13 @@ INPUTS = {"image": ("image",), "audio": ("audio",), "image+audio": ("image", "au
 
 @dataclass
 class Caption:
-    key: str
+    """The caption generated for one group, from its first sample."""
+
+    key: str  # the sample captioned
     caption: str
-    reference: str
-    meta: dict  # the sample's metadata (KEY.json), read by dataset plug-ins
+    reference: str  # that sample's own caption ("" when it has none)
+    meta: dict  # that sample's metadata (KEY.json), read by dataset plug-ins
+    references: list[str] = field(default_factory=list)  # every caption of the group, in reading order
 
 
 def parse_inputs(inputs: str) -> tuple[str, ...]:
@@ -55,30 +67,43 @@ def caption_batch(loaded: LoadedModel, batch: dict, sources: tuple[str, ...], *,
 
 def caption_split(loaded: LoadedModel, data: str, inputs: str, *, beam: int = 1, limit: int | None = None,
                   batch_size: int = 64, stats: DataStats | None = None) -> list[Caption]:
-    """Caption every sample of ``data`` that has the ``inputs`` (at most ``limit``); the captions
-    are read too, as references. The samples used, skipped and repaired are added to ``stats``."""
+    """Caption the first sample of each group of ``data`` that has the ``inputs``, reading at most
+    ``limit`` samples; every caption read joins its group's references. The samples used,
+    skipped and repaired are added to ``stats``."""
     sources = parse_inputs(inputs)
-    out = []
+    by_group: dict[str, Caption] = {}
     for batch in iterate_batches(loaded, data, modalities=(*sources, "text"), require=sources,
                                  batch_size=batch_size, limit=limit, stats=stats):
-        captions = caption_batch(loaded, batch, sources, beam=beam)
-        for key, caption, reference, meta in zip(batch["keys"], captions, batch["captions"], batch["meta"],
-                                                 strict=True):
-            out.append(Caption(key, caption, reference or "", meta))
-    return out
+        groups = [group_of(key, meta) for key, meta in zip(batch["keys"], batch["meta"], strict=True)]
+        first: dict[str, int] = {}
+        for row, group in enumerate(groups):
+            if group not in by_group:
+                first.setdefault(group, row)
+        rows = list(first.values())
+        if rows:
+            captions = caption_batch(loaded, batch_rows(batch, rows), sources, beam=beam)
+            for row, caption in zip(rows, captions, strict=True):
+                by_group[groups[row]] = Caption(batch["keys"][row], caption, batch["captions"][row] or "",
+                                                batch["meta"][row])
+        for group, reference in zip(groups, batch["captions"], strict=True):
+            if reference:
+                by_group[group].references.append(reference)
+    return list(by_group.values())
 
 
 def caption_metrics(captions: list[Caption], inputs: str, *, with_meteor: bool = True,
                     plugins: Sequence[EvaluationPlugin] = ()) -> dict[str, float]:
-    """COCO metrics against the references, WER for audio, then each plug-in's metrics."""
-    scored = [c for c in captions if c.reference]
+    """COCO metrics of each group's caption against all its references, WER for audio against
+    the captioned sample's own caption, then each plug-in's metrics; ``n``: the groups captioned."""
     metrics: dict[str, float] = {"n": len(captions)}
+    scored = [c for c in captions if c.references]
     if scored:
         predictions = {c.key: c.caption for c in scored}
-        references = {c.key: [c.reference] for c in scored}
-        metrics |= caption_scores(predictions, references, with_meteor=with_meteor)
-        if inputs == "audio":
-            metrics["wer"] = word_error_rate(predictions, {c.key: c.reference for c in scored})
+        metrics |= caption_scores(predictions, {c.key: c.references for c in scored}, with_meteor=with_meteor)
+    transcribed = [c for c in captions if c.reference]
+    if inputs == "audio" and transcribed:
+        metrics["wer"] = word_error_rate({c.key: c.caption for c in transcribed},
+                                         {c.key: c.reference for c in transcribed})
     for plugin in plugins:
         metrics |= plugin.caption_metrics([c.caption for c in captions], [c.meta for c in captions])
     return metrics

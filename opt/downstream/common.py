@@ -9,6 +9,11 @@ The counts travel back to the caller (``iterate_batches(stats=...)``,
 ``EncodedSplit.data_stats``), which reports them as ``used N of M samples
 (K skipped: reason: count, ...)``; a split without one usable sample is a
 :class:`~opt.errors.UserError`.
+
+A sample is one (image and/or audio, caption) pair. Benchmarks with several
+captions per image or clip (COCO, Flickr30k, Clotho, AudioCaps) give the
+samples of one image or clip the same ``group`` in their metadata
+(``KEY.json``); a sample without one is a group of its own (:func:`group_of`).
 """
 
 from __future__ import annotations
@@ -79,6 +84,11 @@ def data_settings(loaded: LoadedModel, *, batch_size: int = 64, workers: int = 0
                       max_text_tokens=spec.max_text_tokens, batch_size=batch_size, workers=workers)
 
 
+def group_of(key: str, meta: dict) -> str:
+    """The sample's group: ``meta["group"]``, shared by the samples of one image or clip, else its own key."""
+    return str(meta.get("group", key))
+
+
 def describe_counts(counts: dict) -> str:
     """``used N of M samples (K skipped: reason: count, ...)`` from ``DataStats.as_dict()``."""
     skipped = sum(counts["skipped"].values())
@@ -140,6 +150,10 @@ class EncodedSplit:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def groups(self) -> list[str]:
+        """The group of each sample (:func:`group_of`)."""
+        return [group_of(key, meta) for key, meta in zip(self.keys, self.meta, strict=True)]
 
     def select(self, modality: str, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored encoder outputs of ``modality`` for rows ``index``."""

@@ -48,13 +48,16 @@ def render_report(results: dict, figures: dict[str, str], model_name: str) -> st
               "is skipped.", ""]
     lines += [f"- {split}: {describe_counts(results[split]['data'])}" for split in split_names(results)] + [""]
     lines += ["## Retrieval", "",
-              "Pool: the whole split. Two-tower ranking of every candidate, then cross-encoder re-ranking "
-              "of the top K; `two_tower.r1`: before re-ranking.", ""]
+              "Pool: the whole split, every caption and each image or clip once (the first sample of its "
+              "group). A query is found at K when any of its true matches (its group's) is in the top K; the "
+              "mean rank is its best match's. Two-tower ranking of every candidate, then cross-encoder "
+              "re-ranking of the top K; `two_tower.r1`: before re-ranking.", ""]
     lines += _table(results, "retrieval", list(DIRECTIONS), ["r1", "r5", "r10", "mean_rank", "two_tower.r1"]) + [""]
-    lines += ["## Captioning", "", "Attribute accuracy: objects whose size, colour, shape and position or "
-              "relation the caption states correctly.", ""]
+    lines += ["## Captioning", "", "One caption per image or clip (group), scored against every caption of its "
+              "group; WER against the captioned sample's own caption. Attribute accuracy: objects whose size, "
+              "colour, shape and position or relation the caption states correctly.", ""]
     lines += _table(results, "captioning", list(INPUTS),
-                    ["attribute_accuracy", "bleu_4", "meteor", "rouge_l", "cider", "wer"]) + [""]
+                    ["attribute_accuracy", "bleu_4", "meteor", "rouge_l", "cider", "spice", "wer"]) + [""]
     lines += ["Per attribute (fraction of objects stated correctly):", ""]
     lines += _table(results, "captioning", list(INPUTS),
                     ["attribute_color", "attribute_size", "attribute_shape", "attribute_position_or_relation"]) + [""]

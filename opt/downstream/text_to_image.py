@@ -141,7 +141,8 @@ def save_generations(images: torch.Tensor, prompts: list[str], out: str | Path, 
 @torch.no_grad()
 def r_precision(loaded: LoadedModel, images: torch.Tensor, split: EncodedSplit, prompt_rows: torch.Tensor, *,
                 distractors: int = 99, seed: int = 0) -> float:
-    """Fraction of images whose prompt the towers rank first among it and ``distractors`` other prompts."""
+    """Fraction of images whose prompt the towers rank first among it and ``distractors`` other prompts,
+    drawn from other groups (another caption of the prompt's own image or clip is no distractor)."""
     model = loaded.model
     image_embeddings = model.tower_embeddings(model.encode_unimodal(
         {"image": {"pixels": images.to(loaded.device), "present": torch.ones(len(images), dtype=torch.bool)}},
@@ -149,11 +150,12 @@ def r_precision(loaded: LoadedModel, images: torch.Tensor, split: EncodedSplit, 
     text_embeddings = model.tower_embeddings({"text": {"pooled": split.unimodal["text"]["pooled"].to(loaded.device)}}
                                              )["text"].float().cpu()
     generator = torch.Generator().manual_seed(seed)
-    n = len(split)
+    groups = split.groups()
     hits = 0
     for image, row in zip(image_embeddings, prompt_rows.tolist()):
-        others = torch.randperm(n - 1, generator=generator)[: min(distractors, n - 1)]
-        others = others + (others >= row).long()  # skip the prompt itself
+        eligible = torch.tensor([other for other, group in enumerate(groups) if group != groups[row]],
+                                dtype=torch.long)
+        others = eligible[torch.randperm(len(eligible), generator=generator)[: min(distractors, len(eligible))]]
         pool = torch.cat([torch.tensor([row]), others])
         hits += int((text_embeddings[pool] @ image).argmax() == 0)
     return hits / len(prompt_rows)
