@@ -204,6 +204,22 @@ def test_long_narration_is_cut_at_the_matching_utterance_boundary(converted):
     assert [u["end_time"] for u in meta["timed_caption"]] == [1.0, 2.0]
 
 
+def crash_on_row_9(monkeypatch, converter: type, run, out) -> dict[str, bytes]:
+    """Run a conversion whose ``converter`` dies on row 9; returns the shards it left in ``out``."""
+    original = converter.__call__
+
+    def dies(self, row):
+        if row.index == 9:
+            raise RuntimeError("simulated crash")
+        return original(self, row)
+
+    monkeypatch.setattr(converter, "__call__", dies)  # forked workers inherit it
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run()
+    monkeypatch.setattr(converter, "__call__", original)
+    return shard_bytes(out)
+
+
 def test_shards_do_not_depend_on_the_worker_count(converted, corpus, tmp_path):
     out, summary = converted
     assert convert(corpus, tmp_path, workers=1) == summary
@@ -213,18 +229,8 @@ def test_shards_do_not_depend_on_the_worker_count(converted, corpus, tmp_path):
 def test_interrupted_conversion_resumes_to_the_same_output(converted, corpus, tmp_path, monkeypatch):
     reference, summary = converted
     expected = shard_bytes(reference)
-    original = LocalizedNarratives.__call__
-
-    def crash_on_row_9(self, row):
-        if row.index == 9:
-            raise RuntimeError("simulated crash")
-        return original(self, row)
-
-    monkeypatch.setattr(LocalizedNarratives, "__call__", crash_on_row_9)  # forked workers inherit it
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        convert(corpus, tmp_path, workers=1)  # shards 0 and 1 finish, shard 2 (rows 8-11) dies
-    monkeypatch.setattr(LocalizedNarratives, "__call__", original)
-    partial = shard_bytes(tmp_path)
+    # shards 0 and 1 finish, shard 2 (rows 8-11) dies
+    partial = crash_on_row_9(monkeypatch, LocalizedNarratives, lambda: convert(corpus, tmp_path, workers=1), tmp_path)
     assert {"train-000000.tar", "train-000001.tar"} <= set(partial) and "train-000002.tar" not in partial
     assert all(payload == expected[name] for name, payload in partial.items())
     # what a kill would leave: a stale temporary shard, and a finished tar whose record was never written

@@ -20,7 +20,7 @@ from opt.data.convert import convert_audio_captions, convert_coco_captions
 from opt.data.convert.coco_captions import CocoCaptions
 from opt.data.pipeline import BatchLoader
 from opt.errors import UserError
-from tests.test_convert import read_samples, shard_bytes, write_jpeg, write_png
+from tests.test_convert import crash_on_row_9, read_samples, shard_bytes, write_jpeg, write_png
 
 CAPTIONS = {image: [f"image {image} caption {i}" for i in range(5)] for image in (10, 20, 30)}
 
@@ -92,18 +92,7 @@ def test_coco_captions_give_one_sample_per_caption_grouped_by_image(coco_convert
 def test_coco_conversion_resumes_after_a_kill_to_the_same_bytes(coco_converted, coco, tmp_path, monkeypatch):
     reference, summary = coco_converted
     expected = shard_bytes(reference)
-    original = CocoCaptions.__call__
-
-    def crash_on_row_9(self, row):
-        if row.index == 9:
-            raise RuntimeError("simulated crash")
-        return original(self, row)
-
-    monkeypatch.setattr(CocoCaptions, "__call__", crash_on_row_9)  # forked workers inherit it
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        convert_coco(coco, tmp_path, workers=1)
-    monkeypatch.setattr(CocoCaptions, "__call__", original)
-    partial = shard_bytes(tmp_path)
+    partial = crash_on_row_9(monkeypatch, CocoCaptions, lambda: convert_coco(coco, tmp_path, workers=1), tmp_path)
     assert {"val-000000.tar", "val-000001.tar"} <= set(partial) and "val-000002.tar" not in partial
     assert all(payload == expected[name] for name, payload in partial.items())
     (tmp_path / "val-000002.tar.tmp").write_bytes(b"half a shard")
