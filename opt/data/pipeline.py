@@ -27,6 +27,11 @@ from opt.errors import DataError
 from opt.text.tokenizer import TextTokenizer
 
 
+def by_reason(counts: dict[str, int]) -> str:
+    """``reason: count, ...`` in reason order ("" when there are none)."""
+    return ", ".join(f"{reason}: {count}" for reason, count in sorted(counts.items()))
+
+
 @dataclass
 class DataStats:
     """What the pipeline skipped and repaired.
@@ -66,9 +71,9 @@ class DataStats:
         skipped = self.skipped
         parts = [f"{self.samples} samples used", f"{sum(skipped.values())} skipped"]
         if skipped:
-            parts[-1] += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + ")"
+            parts[-1] += f" ({by_reason(skipped)})"
         if self.repaired:
-            parts.append("repaired " + ", ".join(f"{k}: {v}" for k, v in sorted(self.repaired.items())))
+            parts.append(f"repaired {by_reason(self.repaired)}")
         return "data: " + "; ".join(parts)
 
 
@@ -102,7 +107,7 @@ class NothingUsable:
     def _check(self) -> None:
         unreadable = self.samples == 0 and self.shard_reads >= self.max_shard_reads
         if self.armed and (unreadable or self.samples >= self.max_samples):
-            counts = ", ".join(f"{k}: {v}" for k, v in sorted(_worker_stats.skipped.items())) or "none"
+            counts = by_reason(_worker_stats.skipped) or "none"
             raise DataError(f"no usable sample in {self.samples} samples from {self.shard_reads} shard reads "
                             f"(skipped by reason: {counts})")
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from opt import MODALITIES
 from opt.config import DataConfig
 from opt.data.batch import batch_rows, to_device
-from opt.data.pipeline import BatchLoader, DataStats
+from opt.data.pipeline import BatchLoader, DataStats, by_reason
 from opt.errors import UserError
 from opt.model.opt_model import OPTModel
 from opt.text.tokenizer import TextTokenizer
@@ -92,7 +92,7 @@ def group_of(key: str, meta: dict) -> str:
 def describe_counts(counts: dict) -> str:
     """``used N of M samples (K skipped: reason: count, ...)`` from ``DataStats.as_dict()``."""
     skipped = sum(counts["skipped"].values())
-    reasons = ", ".join(f"{reason}: {count}" for reason, count in counts["skipped"].items())
+    reasons = by_reason(counts["skipped"])
     return (f"used {counts['used']} of {counts['used'] + skipped} samples "
             f"({skipped} skipped{': ' + reasons if reasons else ''})")
 

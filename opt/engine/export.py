@@ -23,7 +23,7 @@ def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, torch.Tens
             return directory, {k: v.float() for k, v in fp32_state_dict(directory).items()}
         except Exception as error:  # truncated, refused or incomplete: try the one before
             warn(f"checkpoint {directory} cannot be read ({checkpoints.describe(error)}); "
-                       "trying the previous one")
+                 "trying the previous one")
     raise UserError(f"no readable checkpoint among {', '.join(str(c) for c in candidates)}")
 
 
