@@ -70,6 +70,11 @@ class QKNorm(StrEnum):
     all = "all"  # every attention layer but BERT's
 
 
+class AudioInput(StrEnum):
+    logmel = "logmel"  # log-mel features (the logmel_conv front)
+    waveform = "waveform"  # the raw waveform (the wav2vec2_conv front, or a pretrained wav2vec 2.0 / HuBERT)
+
+
 class TaskMode(StrEnum):
     sample = "sample"  # one task per step, drawn by weight (the paper)
     sum = "sum"  # the weighted sum of every task with a positive weight
@@ -89,6 +94,10 @@ class Precision(StrEnum):
 @dataclass
 class AudioConfig:
     sample_rate: int = ranged(16000, ge=1000)  # every waveform is resampled to this rate (Hz)
+    input: AudioInput = AudioInput.logmel  # what the audio encoder reads: log-mel features or the waveform
+    # waveform input: scale each utterance to zero mean and unit variance over its real samples
+    # (as wav2vec 2.0's feature extractor does with do_normalize)
+    normalize_waveform: bool = True
     n_mels: int = ranged(64, ge=1)  # mel bands of the log-mel features
     n_fft: int = ranged(400, ge=2)  # FFT size in samples (25 ms at 16 kHz)
     hop_length: int = ranged(160, ge=1)  # frame step in samples (10 ms at 16 kHz)
@@ -116,7 +125,9 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    path: str = "data/tokenizer.model"  # trained SentencePiece model
+    # a SentencePiece model (opt tokenizer train) or a Hugging Face tokenizer directory (local files only,
+    # e.g. the directory of a pretrained BERT, whose weights need their own WordPiece vocabulary)
+    path: str = "data/tokenizer.model"
     vocab_size: int = ranged(512, ge=16)  # target vocabulary size (byte fallback adds 256 byte pieces)
 
 
@@ -150,7 +161,11 @@ class VisionConfig:
     # add a linear map of the pooled image vector to every patch token, so that a reader whose
     # attention is still near uniform over the patches gets a small object's features undiluted
     pooled_context: bool = False
-    pretrained_path: str | None = None  # optional local timm weights (.safetensors or .pth state dict)
+    # optional local timm ViT weights in timm's names (.safetensors, or a .pth/.bin state dict read
+    # weights-only); position embeddings are resampled to the grid, a conv stem stays fresh
+    pretrained_path: str | None = None
+    # a class token before the patches (None: as the pretrained checkpoint has it, none without one)
+    class_token: bool | None = None
 
 
 @dataclass
@@ -158,7 +173,9 @@ class TextEncoderConfig:
     layers: int = ranged(2, ge=1)  # BERT layers
     width: int = ranged(128, ge=1)  # hidden size
     heads: int = ranged(4, ge=1)  # attention heads
-    pretrained_dir: str | None = None  # optional local transformers directory (from_pretrained)
+    # optional local transformers BERT directory (from_pretrained); its width, layers and heads replace
+    # the three above, and it needs its own tokenizer (tokenizer.path = the same directory)
+    pretrained_dir: str | None = None
 
 
 @dataclass
@@ -170,6 +187,9 @@ class AudioEncoderConfig:
     heads: int = ranged(4, ge=1)  # attention heads
     pool: Pooling = Pooling.mean  # two-tower pooling over real frames
     distance_bias: bool = True  # ALiBi: self-attention logits fall linearly with frame distance, per head
+    # optional local transformers wav2vec 2.0 or HuBERT directory: it replaces the front and the
+    # transformer above (its own sizes apply) and reads the waveform (audio.input=waveform)
+    pretrained_dir: str | None = None
 
 
 @dataclass
@@ -300,6 +320,11 @@ class TrainConfig:
     eval_every: int = ranged(0, ge=0)
     eval_batches: int = ranged(4, ge=1)  # validation batches per pass (the same ones each time)
     max_nonfinite: int = ranged(5, ge=1)  # consecutive non-finite steps before the run stops
+    # start from a model directory's weights (opt export or opt model init): fresh optimizer, schedule and
+    # step count; its model section, tokenizer and VQ tokenizer replace the config's
+    init_from: str | None = None
+    # glob patterns of parameter names (e.g. 'encoders.image.*') kept frozen: no gradient, no optimizer state
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -436,8 +461,14 @@ def _check_consistency(config: Config) -> None:
     if vision.stem == VisionStem.conv and vision.patch_size & (vision.patch_size - 1):
         raise ConfigError(f"config key 'model.vision.patch_size': the conv stem halves the resolution per "
                           f"convolution, so it needs a power of 2, got {vision.patch_size}")
-    if vision.stem == VisionStem.conv and vision.pretrained_path:
-        raise ConfigError("config key 'model.vision.stem': pretrained ViT weights need the patch stem, not conv")
+    audio_encoder, audio = model.audio, config.audio
+    reads_waveform = audio_encoder.front == AudioFront.wav2vec2_conv or bool(audio_encoder.pretrained_dir)
+    if reads_waveform != (audio.input == AudioInput.waveform):
+        reader = ("a pretrained audio encoder" if audio_encoder.pretrained_dir
+                  else f"model.audio.front={audio_encoder.front}")
+        raise ConfigError(f"config key 'audio.input': {reader} reads "
+                          f"{'the waveform' if reads_waveform else 'log-mel features'}, set audio.input="
+                          f"{'waveform' if reads_waveform else 'logmel'}")
     if vision.stem != VisionStem.conv and (vision.coord_channels or vision.stem_depth > 1):
         key = "coord_channels" if vision.coord_channels else "stem_depth"
         raise ConfigError(f"config key 'model.vision.{key}': needs model.vision.stem=conv")

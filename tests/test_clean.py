@@ -19,7 +19,7 @@ from opt.data.clean import FILTERS, CleanSettings, clean_shards, load_boilerplat
 from opt.data.shards import ShardWriter
 from opt.downstream.similarity import TowerSimilarity
 from opt.errors import UserError
-from opt.text.tokenizer import train_tokenizer
+from opt.text.tokenizer import TextTokenizer, train_tokenizer
 from tests.test_model import small_model
 
 
@@ -166,7 +166,7 @@ def model_directory(tmp_path_factory) -> Path:
     captions = [s["txt"] for shard in SHARDS for s in shard.values() if isinstance(s.get("txt"), str)]
     tokenizer = train_tokenizer(captions * 4, directory / "tok.model", vocab_size=300)
     model, _ = small_model(tokenizer)
-    model.save_pretrained(directory / "model", tokenizer_model=(directory / "tok.model").read_bytes())
+    model.save_pretrained(directory / "model", tokenizer=TextTokenizer.from_file(directory / "tok.model"))
     return directory / "model"
 
 

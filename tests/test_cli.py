@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from opt.cli import main
+from opt.text.tokenizer import TextTokenizer
 from tests.test_model import small_model
 
 @pytest.mark.parametrize("argv,message", [
@@ -65,7 +66,7 @@ def model_dir(tokenizer, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("cli_model")
     tokenizer.save(folder / "tok.model")
     model, _ = small_model(tokenizer)
-    return model.save_pretrained(folder / "model", tokenizer_model=(folder / "tok.model").read_bytes())
+    return model.save_pretrained(folder / "model", tokenizer=TextTokenizer.from_file(folder / "tok.model"))
 
 
 HALF = object()  # stands for the first half of the file's own bytes

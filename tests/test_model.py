@@ -325,7 +325,7 @@ def test_image_decoding_returns_valid_codes_and_images(model_and_batch, decoding
 
 def test_save_and_load_give_identical_outputs(model_and_batch, tokenizer, tmp_path):
     model, batch = model_and_batch
-    model.save_pretrained(tmp_path / "model", tokenizer_model=(tokenizer._proto))
+    model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors",
                                                                       "tokenizer.model", "vq"]
     loaded = OPTModel.from_pretrained(tmp_path / "model")
@@ -413,7 +413,7 @@ def test_base_and_large_build_on_the_meta_device_with_the_readmes_parameter_coun
 
 
 def test_wav2vec2_front_encodes_raw_waveforms(tokenizer):
-    model, _ = small_model(tokenizer, "model.audio.front=wav2vec2_conv")
+    model, _ = small_model(tokenizer, "model.audio.front=wav2vec2_conv", "audio.input=waveform")
     batch = dummy_batch(model, 2)
     out = model.encode_unimodal(batch, modalities=("audio",))["audio"]
     assert out["tokens"].shape[1] == out["mask"].shape[1] == min(6 * 16000 // 320 - 1, 256)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from opt.cli import config_cmd, data_cmd, downstream_cmd, model_cmd, tokenizer_cmd, train_cmd
+from opt.cli import config_cmd, data_cmd, downstream_cmd, eval_cmd, model_cmd, tokenizer_cmd, train_cmd
 from opt.errors import UserError
 
-COMMANDS = (data_cmd, tokenizer_cmd, model_cmd, train_cmd, downstream_cmd, config_cmd)
+COMMANDS = (data_cmd, tokenizer_cmd, model_cmd, train_cmd, downstream_cmd, eval_cmd, config_cmd)
 
 
 class OneLineParser(argparse.ArgumentParser):

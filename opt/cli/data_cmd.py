@@ -15,7 +15,7 @@ from opt.data.pipeline import BatchLoader
 from opt.data.preview import preview_grid
 from opt.data.shards import resolve_shards
 from opt.data.world.synth import synthesize_world
-from opt.text.tokenizer import TextTokenizer
+from opt.text.tokenizer import load_tokenizer
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -122,7 +122,7 @@ def run_check(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     tokenizer = None
     if "text" in config.data.modalities:
-        tokenizer = TextTokenizer.from_file(args.tokenizer or config.tokenizer.path)
+        tokenizer = load_tokenizer(args.tokenizer or config.tokenizer.path)
     loader = BatchLoader(args.data, config.data, config.audio, tokenizer, train=False)
     batches = sum(1 for _ in loader)
     print(f"{batches} batches from {len(loader.shards)} shards; {loader.stats.summary()}")

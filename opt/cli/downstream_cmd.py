@@ -1,5 +1,5 @@
-"""``opt caption``, ``opt generate``, ``opt retrieve`` and ``opt eval``: the
-downstream tasks on a model directory (``opt export``)."""
+"""``opt caption``, ``opt generate`` and ``opt retrieve``: the downstream tasks on a model
+directory (``opt export``); ``opt eval`` runs them all (:mod:`opt.cli.eval_cmd`)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ DEFAULT_CANDIDATES = 32  # text-to-image best-of-N (a literal here so the CLI st
 MODEL_HELP = "model directory written by opt export (config.json, model.safetensors, vq/, tokenizer.model)"
 
 
-def _add_model(parser: argparse.ArgumentParser) -> None:
+def add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
-def _add_decoding(parser: argparse.ArgumentParser) -> None:
+def add_decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoding", default="autoregressive", choices=["parallel", "autoregressive"],
                         help="image-token decoding (default autoregressive: on the demo model it drew colour, "
                              "size and position better than 12 parallel steps, and faster on a CPU)")
@@ -33,7 +33,7 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
 
 def register(commands: argparse._SubParsersAction) -> None:
     caption = commands.add_parser("caption", help="caption images and/or speech; metrics against the references")
-    _add_model(caption)
+    add_model(caption)
     caption.add_argument("--data", required=True, help=DATA_HELP)
     caption.add_argument("--inputs", default="image", help="image, audio or image+audio (default image)")
     caption.add_argument("--out", type=output_file, required=True,
@@ -46,7 +46,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     caption.set_defaults(handler=run_caption)
 
     generate = commands.add_parser("generate", help="generate images from text prompts (and speech)")
-    _add_model(generate)
+    add_model(generate)
     prompts = generate.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", help="a text file with one prompt per line")
@@ -54,11 +54,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--out", type=output_folder, required=True,
                           help="output directory for PNGs and grid.png")
     generate.add_argument("--n", type=positive_int, default=1, help="images per prompt (default 1)")
-    _add_decoding(generate)
+    add_decoding(generate)
     generate.set_defaults(handler=run_generate)
 
     retrieve = commands.add_parser("retrieve", help="cross-modal retrieval over a whole split")
-    _add_model(retrieve)
+    add_model(retrieve)
     retrieve.add_argument("--data", required=True, help=DATA_HELP)
     retrieve.add_argument("--query", help="query modality: text, image, audio or text+audio")
     retrieve.add_argument("--target", help="target modality: text, image or audio")
@@ -72,26 +72,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--out", type=output_file, help="write the metrics to this JSON file")
     retrieve.set_defaults(handler=run_retrieve)
 
-    evaluate = commands.add_parser("eval", help="all downstream tasks on test and test_novel -> report/")
-    _add_model(evaluate)
-    evaluate.add_argument("--data", required=True, help="directory with test-*.tar and test_novel-*.tar shards")
-    evaluate.add_argument("--out", type=output_folder, required=True,
-                          help="report directory (metrics.json, report.md, PNGs)")
-    evaluate.add_argument("--run-dir", help="training run whose curves go into the report")
-    evaluate.add_argument("--limit", type=positive_int, help="samples per split (default all)")
-    evaluate.add_argument("--rerank-k", type=non_negative_int, default=16, help="retrieval re-ranking (default 16)")
-    evaluate.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
-                          help="re-rank without the text decoder's caption likelihood (captions: "
-                          "log P(caption | query); images or speech for a text query: log P(query | candidate))")
-    evaluate.add_argument("--beam", type=positive_int, default=1, help="captioning beam size (default 1)")
-    evaluate.add_argument("--generate-count", type=positive_int, default=64,
-                          help="text-to-image prompts per split (default 64)")
-    evaluate.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (needs java)")
-    _add_decoding(evaluate)
-    evaluate.set_defaults(handler=run_eval)
 
-
-def _load(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace):
     from opt.downstream.common import load_model
 
     return load_model(args.model, device=args.device)
@@ -112,7 +94,7 @@ def run_caption(args: argparse.Namespace) -> None:
 
     parse_inputs(args.inputs)
     read = DataStats()
-    captions = caption_split(_load(args), args.data, args.inputs, beam=args.beam, limit=args.limit, stats=read)
+    captions = caption_split(load_from_args(args), args.data, args.inputs, beam=args.beam, limit=args.limit, stats=read)
     lines = "".join(json.dumps({"key": c.key, "caption": c.caption}) + "\n" for c in captions)
     write_atomic(args.out, lines.encode())
     print(f"data: {describe_counts(read.as_dict())}")
@@ -165,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     prompts = _read_prompts(args)
     audio = _read_audio(args.audio) if args.audio else None
-    loaded = _load(args)
+    loaded = load_from_args(args)
     repeated = [p for p in prompts for _ in range(args.n)]
     batch = prompt_batch(loaded, repeated, [audio] * len(repeated) if audio is not None else None)
     images = generate_images(loaded, batch, decoding=args.decoding, steps=args.steps, guidance=args.guidance,
@@ -196,7 +178,7 @@ def run_retrieve(args: argparse.Namespace) -> None:
 
     directions = _directions(args)
     needed = [m for m in MODALITIES if any(m in (*query, target) for query, target in directions.values())]
-    loaded = _load(args)
+    loaded = load_from_args(args)
     split = encode_split(loaded, args.data, modalities=needed, limit=args.limit)
     results: dict = {"data": split.data_stats.as_dict()}
     print(f"data: {describe_counts(results['data'])}")
@@ -208,31 +190,3 @@ def run_retrieve(args: argparse.Namespace) -> None:
         print(f"  two-tower {seconds['two_tower']:.2f} s, re-rank {seconds['rerank']:.2f} s")
     if args.out:
         write_atomic(args.out, json.dumps(results, indent=2).encode())
-
-
-def run_eval(args: argparse.Namespace) -> None:
-    from opt.downstream.common import describe_counts
-    from opt.downstream.evaluate import EvalSettings, evaluate_directory
-    from opt.downstream.report import split_names
-
-    curves = None
-    if args.run_dir:
-        from opt.engine.plot import plot_run
-
-        curves = plot_run(args.run_dir)
-    settings = EvalSettings(limit=args.limit, rerank_k=args.rerank_k, caption_likelihood=args.caption_likelihood,
-                            beam=args.beam,
-                            generate_count=args.generate_count, decoding=args.decoding, steps=args.steps,
-                            guidance=args.guidance, candidates=args.candidates, seed=args.seed,
-                            with_meteor=args.meteor)
-    results = evaluate_directory(_load(args), args.data, args.out, settings=settings, curves=curves,
-                                 model_name=Path(args.model).name)
-    for split in split_names(results):
-        print(f"{split}: {describe_counts(results[split]['data'])}")
-        retrieval = results[split]["retrieval"]
-        captions = results[split]["captioning"]
-        print(f"{split}: a2t R@1 {retrieval['a2t']['r1']:.3f}, t2i R@1 {retrieval['t2i']['r1']:.3f}, "
-              f"caption attributes image {captions['image'].get('attribute_accuracy', float('nan')):.3f} "
-              f"audio {captions['audio'].get('attribute_accuracy', float('nan')):.3f}, text-to-image "
-              f"attributes {results[split]['text_to_image']['text'].get('attribute_accuracy', float('nan')):.3f}")
-    print(f"eval: report in {Path(args.out) / 'report.md'}")

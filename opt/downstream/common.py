@@ -33,7 +33,7 @@ from opt.data.batch import batch_rows, to_device
 from opt.data.pipeline import BatchLoader, DataStats, by_reason
 from opt.errors import UserError
 from opt.model.opt_model import OPTModel
-from opt.text.tokenizer import TextTokenizer
+from opt.text.tokenizer import TextTokenizer, load_tokenizer, tokenizer_in
 
 
 @dataclass
@@ -44,15 +44,14 @@ class LoadedModel:
 
 
 def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
-    """A model directory written by ``opt export`` (config, weights, ``vq/``, ``tokenizer.model``)."""
+    """A model directory written by ``opt export`` or ``opt model init`` (config, weights, ``vq/``, tokenizer)."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} is not a model directory (no config.json); make one with opt export")
-    if not (directory / "tokenizer.model").is_file():
-        raise UserError(f"{directory} has no tokenizer.model; export the model together with its tokenizer")
+    tokenizer = load_tokenizer(tokenizer_in(directory))
     target = resolve_device(device)
     model = OPTModel.from_pretrained(directory).to(target).eval()
-    return LoadedModel(model, TextTokenizer.from_file(directory / "tokenizer.model"), target)
+    return LoadedModel(model, tokenizer, target)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -12,7 +12,7 @@ from opt.engine.deepspeed_backend import fp32_state_dict
 from opt.errors import UserError
 from opt.logs import warn
 from opt.model.opt_model import ModelSpec, OPTModel
-from opt.text.tokenizer import TextTokenizer
+from opt.text.tokenizer import load_tokenizer, tokenizer_in
 
 
 def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -36,7 +36,7 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | Path | Non
     if not candidates:
         raise UserError(f"no checkpoint in {run}/checkpoints")
     config = load_config(run / "config.yaml")
-    tokenizer = TextTokenizer.from_file(run / "tokenizer.model")
+    tokenizer = load_tokenizer(tokenizer_in(run))
     model = OPTModel(ModelSpec.from_config(config, tokenizer))
     directory, state = _newest_readable(candidates)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -46,4 +46,4 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | Path | Non
                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
     model.load_vq(run / "vq")
     with torch.no_grad():
-        return model.save_pretrained(out, tokenizer_model=(run / "tokenizer.model").read_bytes())
+        return model.save_pretrained(out, tokenizer=tokenizer)

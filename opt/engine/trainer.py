@@ -38,7 +38,7 @@ from opt.logs import info, warn
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.model.vq import save_vq
 from opt.tasks.mixture import TaskMixture
-from opt.text.tokenizer import TextTokenizer
+from opt.text.tokenizer import load_tokenizer, save_tokenizer
 
 
 class TrainingStopped(UserError):
@@ -114,7 +114,7 @@ class Trainer:
         self.device = init_distributed()
         self.lock = self._lock_run_directory()
         torch.manual_seed(config.train.seed)
-        self.tokenizer = TextTokenizer.from_file(config.tokenizer.path)
+        self.tokenizer = load_tokenizer(config.tokenizer.path)
         model = OPTModel(ModelSpec.from_config(config, self.tokenizer))
         if config.train.vq_path:
             model.load_vq(config.train.vq_path)
@@ -155,7 +155,7 @@ class Trainer:
     def _prepare_run_directory(self) -> None:
         self.run.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.run / "config.yaml")
-        self.tokenizer.save(self.run / "tokenizer.model")
+        save_tokenizer(self.tokenizer, self.run)
         if not (self.run / "vq").is_dir():
             save_vq(self.model.vq, self.run / "vq")
 

@@ -50,6 +50,9 @@ class ModelSpec:
     mask_id: int
     image_size: int
     max_text_tokens: int
+    # the transformers configs of pretrained text and audio backbones ({"text": {...}, "audio": {...}}),
+    # so that a saved model rebuilds them without the directories they were first read from
+    backbones: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config, tokenizer=None) -> "ModelSpec":
@@ -106,10 +109,28 @@ def _audio_input(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return (audio["features"] if "features" in audio else audio["waveform"]), audio["mask"]
 
 
+def resolved_spec(spec: ModelSpec, encoders: nn.ModuleDict) -> ModelSpec:
+    """``spec`` as the built encoders are: the pretrained sources read once and replaced by what
+    rebuilding needs (the backbones' configs, the ViT's class token, the backbones' sizes), so a
+    saved model loads from its own weights on any machine. The sources stay in ``backbones``."""
+    model = spec.model
+    backbones = dict(spec.backbones)
+    for name, encoder in (("text", encoders["text"]), ("audio", encoders["audio"])):
+        if encoder.backbone_config is not None:
+            source = getattr(model, name).pretrained_dir or backbones.get(name, {}).get("source")
+            backbones[name] = {"source": source, "config": encoder.backbone_config}
+    vision = dataclasses.replace(model.vision, pretrained_path=None, class_token=encoders["image"].class_token)
+    if model.vision.pretrained_path:
+        backbones["image"] = {"source": model.vision.pretrained_path}
+    text = dataclasses.replace(model.text, pretrained_dir=None, **encoders["text"].sizes)
+    audio = dataclasses.replace(model.audio, pretrained_dir=None, **encoders["audio"].sizes)
+    model = dataclasses.replace(model, vision=vision, text=text, audio=audio)
+    return dataclasses.replace(spec, model=model, backbones=backbones)
+
+
 class OPTModel(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.spec = spec
         config = spec.model
         width, ratio, dropout = config.cross.width, config.mlp_ratio, config.dropout
         encoders_qk_norm = config.qk_norm == "all"  # the single-modal encoders (timm's ViT, audio)
@@ -118,12 +139,16 @@ class OPTModel(nn.Module):
         self.encoders = nn.ModuleDict({
             "text": TextEncoder(config.text, vocab_size=spec.vocab_size, pad_id=spec.pad_id,
                                 max_positions=max(spec.max_text_tokens, config.cross.max_text_positions),
-                                out_width=width, mlp_ratio=ratio, dropout=dropout),
+                                out_width=width, mlp_ratio=ratio, dropout=dropout,
+                                backbone=spec.backbones.get("text")),
             "image": VisionEncoder(config.vision, image_size=spec.image_size, out_width=width, mlp_ratio=ratio,
                                    dropout=dropout, qk_norm=encoders_qk_norm),
             "audio": AudioEncoder(config.audio, n_mels=spec.audio.n_mels, max_positions=config.cross.max_audio_positions,
-                                  out_width=width, mlp_ratio=ratio, dropout=dropout, qk_norm=encoders_qk_norm),
+                                  out_width=width, mlp_ratio=ratio, dropout=dropout, qk_norm=encoders_qk_norm,
+                                  backbone=spec.backbones.get("audio")),
         })
+        self.spec = spec = resolved_spec(spec, self.encoders)
+        config = spec.model
         patches = self.encoders["image"].patches
         self.cross = CrossModalEncoder(config.cross, image_tokens=patches, mlp_ratio=ratio, dropout=dropout,
                                        qk_norm=fusion_qk_norm)
@@ -132,15 +157,14 @@ class OPTModel(nn.Module):
         self.image_decoder = ImageTokenDecoder(config.image_decoder, codebook_size=config.vq.codebook_size,
                                                codes=spec.image_codes, context_width=width, mlp_ratio=ratio,
                                                dropout=dropout, qk_norm=decoders_qk_norm)
-        encoder_widths = {"text": config.text.width, "image": config.vision.width, "audio": config.audio.width}
-        self.towers = nn.ModuleDict({m: nn.Linear(encoder_widths[m], config.towers.dim) for m in MODALITIES})
+        self.towers = nn.ModuleDict({m: nn.Linear(self.encoders[m].width, config.towers.dim) for m in MODALITIES})
         self.temperature = LearnedScale(1.0 / config.towers.temperature)
         self.heads = nn.ModuleDict({
             "mlm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
                                  nn.Linear(width, spec.vocab_size)),
             "mvm": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
                                  nn.Linear(width, config.vq.codebook_size * spec.codes_per_patch_side ** 2)),
-            "mam": nn.Linear(width, config.audio.width),
+            "mam": nn.Linear(width, self.encoders["audio"].frame_width),
             "itm": nn.Sequential(nn.Linear(width + len(TOWER_PAIRS), width), nn.GELU(), nn.Linear(width, ITM_CLASSES)),
         })
         for name in ("cross", "text_decoder", "image_decoder", "towers", "heads"):
@@ -252,10 +276,10 @@ class OPTModel(nn.Module):
 
     # -- save / load -------------------------------------------------------------------------------
 
-    def save_pretrained(self, out: str | Path, *, tokenizer_model: bytes | None = None) -> Path:
+    def save_pretrained(self, out: str | Path, *, tokenizer=None) -> Path:
         """Write ``config.json``, ``model.safetensors``, ``vq/`` (the VQ tokenizer directory)
-        and ``tokenizer.model`` atomically."""
-        extra = {"tokenizer.model": tokenizer_model} if tokenizer_model is not None else {}
+        and the text tokenizer's files (``tokenizer.model`` or ``tokenizer/``) atomically."""
+        extra = dict(tokenizer.files()) if tokenizer is not None else {}
         with tempfile.TemporaryDirectory() as tmp:
             save_vq(self.vq, Path(tmp) / "vq")
             extra |= {f"vq/{p.name}": p.read_bytes() for p in (Path(tmp) / "vq").iterdir()}

@@ -1,5 +1,5 @@
 """Text tokenisation."""
 
-from opt.text.tokenizer import TextTokenizer, train_tokenizer
+from opt.text.tokenizer import TextTokenizer, load_tokenizer, save_tokenizer, tokenizer_in, train_tokenizer
 
-__all__ = ["TextTokenizer", "train_tokenizer"]
+__all__ = ["TextTokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_in", "train_tokenizer"]

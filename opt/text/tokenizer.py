@@ -24,6 +24,10 @@ USER_SYMBOLS = (MASK, CLS, SEP)
 SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4, "cls": 5, "sep": 6}
 
 
+SENTENCEPIECE_NAME = "tokenizer.model"  # a SentencePiece tokenizer inside a model or run directory
+HF_DIRECTORY_NAME = "tokenizer"  # a Hugging Face tokenizer's files inside a model or run directory
+
+
 class TextTokenizer:
     """Encode captions to ids and back."""
 
@@ -53,6 +57,10 @@ class TextTokenizer:
     def save(self, path: str | Path) -> None:
         write_atomic(path, self._proto)
 
+    def files(self) -> dict[str, bytes]:
+        """The files that hold this tokenizer, by their name in a model or run directory."""
+        return {SENTENCEPIECE_NAME: self._proto}
+
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
@@ -78,6 +86,30 @@ class TextTokenizer:
             if i not in self.special_ids:
                 kept.append(i)
         return self.sp.decode(kept)
+
+
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    """The tokenizer at ``path``: a SentencePiece model file, or a Hugging Face tokenizer directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; Hugging Face tokenizers are not supported yet")
+    return TextTokenizer.from_file(path)
+
+
+def tokenizer_in(directory: str | Path) -> Path:
+    """Where a model or run directory keeps its tokenizer (``tokenizer.model`` or ``tokenizer/``)."""
+    directory = Path(directory)
+    for name in (SENTENCEPIECE_NAME, HF_DIRECTORY_NAME):
+        if (directory / name).exists():
+            return directory / name
+    raise UserError(f"{directory} has no tokenizer ({SENTENCEPIECE_NAME} or {HF_DIRECTORY_NAME}/)")
+
+
+def save_tokenizer(tokenizer: TextTokenizer, directory: str | Path) -> None:
+    """Write ``tokenizer``'s files into ``directory`` (each atomically)."""
+    for name, payload in tokenizer.files().items():
+        (Path(directory) / name).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(directory) / name, payload)
 
 
 def iter_shard_captions(shards: Iterable[str]) -> Iterator[str]:
