@@ -135,7 +135,9 @@ class TokenizerConfig:
 class VQConfig:
     codebook_size: int = ranged(512, ge=2)  # discrete image codes (base: 8192)
     code_dim: int = ranged(64, ge=1)  # size of a codebook vector
-    channels: int = ranged(32, ge=1)  # channels at full resolution (x1, x2, x4, x4 down to 1/8 resolution)
+    channels: int = ranged(32, ge=1)  # channels at full resolution (x1, x2, x4, then x4 down to the code grid)
+    # image pixels per code side: 8 (64 px -> 8 x 8 = 64 codes, as in OPT), 16 or 32
+    downsample: int = ranged(8, choices=(8, 16, 32))
     res_blocks: int = ranged(1, ge=0)  # residual blocks per stage
     decay: float = ranged(0.99, ge=0, lt=1)  # EMA decay of the codebook
     commitment_weight: float = ranged(0.25, ge=0)  # encoder commitment loss weight
@@ -455,9 +457,9 @@ def _check_consistency(config: Config) -> None:
     if data.image_size % vision.patch_size:
         raise ConfigError(f"config key 'model.vision.patch_size': {vision.patch_size} does not divide "
                           f"data.image_size {data.image_size}")
-    if data.image_size % 8:
-        raise ConfigError(f"config key 'data.image_size': must be a multiple of 8 (the VQ tokenizer's grid cell), "
-                          f"got {data.image_size}")
+    if data.image_size % model.vq.downsample:
+        raise ConfigError(f"config key 'data.image_size': must be a multiple of model.vq.downsample "
+                          f"{model.vq.downsample} (the VQ tokenizer's grid cell), got {data.image_size}")
     if vision.stem == VisionStem.conv and vision.patch_size & (vision.patch_size - 1):
         raise ConfigError(f"config key 'model.vision.patch_size': the conv stem halves the resolution per "
                           f"convolution, so it needs a power of 2, got {vision.patch_size}")

@@ -12,7 +12,7 @@ from opt.tasks.base import select_positions
 from opt.tasks.mixture import TaskMixture
 from opt.tasks.modality_level import drop_modalities
 from opt.tasks.sample_level import itm_assignment
-from opt.tasks.token_level import FIRST_ORDINARY_ID, mask_text_ids, same_utterance_logits
+from opt.tasks.token_level import mask_text_ids, ordinary_ids, same_utterance_logits
 from tests.test_model import SMALL
 
 
@@ -29,10 +29,11 @@ def test_select_positions_rate_and_validity():
 
 def test_mlm_masks_15_percent_with_80_10_10():
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(FIRST_ORDINARY_ID, 500, (4000, 60), generator=generator)
+    ids = torch.randint(7, 500, (4000, 60), generator=generator)
     valid = torch.ones_like(ids, dtype=torch.bool)
     valid[:, 0] = valid[:, -1] = False  # bos and eos are never selected
-    masked, selected = mask_text_ids(ids, valid, rate=0.15, mask_id=4, vocab_size=500, generator=generator)
+    masked, selected = mask_text_ids(ids, valid, rate=0.15, mask_id=4, ordinary=ordinary_ids(500, range(7)),
+                                     generator=generator)
     assert not selected[:, 0].any() and not selected[:, -1].any()
     assert selected.float().sum() / valid.sum() == pytest.approx(0.15, abs=0.005)
     picked = selected.sum().float()
@@ -43,7 +44,19 @@ def test_mlm_masks_15_percent_with_80_10_10():
     assert kept == pytest.approx(0.1, abs=0.015)  # random draws equal to the original are rare (1/493)
     assert random == pytest.approx(0.1, abs=0.015)
     assert (masked[~selected] == ids[~selected]).all()
-    assert (masked[selected & (masked != 4)] >= FIRST_ORDINARY_ID).all()
+    assert (masked[selected & (masked != 4)] >= 7).all()
+
+
+def test_mlm_draws_random_tokens_around_a_wordpiece_vocabularys_special_ids():
+    """BERT's [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103 sit inside the vocabulary."""
+    specials = (0, 100, 101, 102, 103)
+    ordinary = ordinary_ids(200, specials)
+    assert len(ordinary) == 195 and not set(specials) & set(ordinary.tolist())
+    ids = torch.full((2000, 20), 150)
+    masked, selected = mask_text_ids(ids, torch.ones_like(ids, dtype=torch.bool), rate=0.5, mask_id=103,
+                                     ordinary=ordinary, generator=torch.Generator().manual_seed(0))
+    drawn = masked[selected & (masked != 103) & (masked != 150)]
+    assert len(drawn) > 1000 and not torch.isin(drawn, torch.tensor(specials)).any()
 
 
 def test_mam_distractors_are_other_real_frames_of_the_same_utterance():

@@ -10,9 +10,13 @@ from opt.cli.downstream_cmd import add_decoding, add_model, load_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    evaluate = commands.add_parser("eval", help="all downstream tasks on test and test_novel -> report/")
+    evaluate = commands.add_parser("eval", help="every downstream task on evaluation shards -> report/")
     add_model(evaluate)
-    evaluate.add_argument("--data", required=True, help="directory with test-*.tar and test_novel-*.tar shards")
+    evaluate.add_argument("--data", required=True,
+                          help="shards (directory, glob or brace pattern); a synthetic-world directory gives its "
+                          "test and test_novel splits")
+    evaluate.add_argument("--name", help="name of the split in the report (default: the world's split names, "
+                          "else 'eval'); with a name, --data is always one split")
     evaluate.add_argument("--out", type=output_folder, required=True,
                           help="report directory (metrics.json, report.md, PNGs)")
     evaluate.add_argument("--run-dir", help="training run whose curves go into the report")
@@ -25,14 +29,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--generate-count", type=positive_int, default=64,
                           help="text-to-image prompts per split (default 64)")
     evaluate.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (needs java)")
+    evaluate.add_argument("--no-card", dest="card", action="store_false",
+                          help="leave the model directory's README.md (model card) as it is; by default its "
+                          "evaluation section gets these figures")
     add_decoding(evaluate)
     evaluate.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> None:
     from opt.downstream.common import describe_counts
-    from opt.downstream.evaluate import EvalSettings, evaluate_directory
-    from opt.downstream.report import split_names
+    from opt.downstream.evaluate import EvalSettings, evaluate_directory, record_in_model_card
+    from opt.downstream.report import headline, split_names
 
     curves = None
     if args.run_dir:
@@ -44,14 +51,12 @@ def run_eval(args: argparse.Namespace) -> None:
                             generate_count=args.generate_count, decoding=args.decoding, steps=args.steps,
                             guidance=args.guidance, candidates=args.candidates, seed=args.seed,
                             with_meteor=args.meteor)
-    results = evaluate_directory(load_from_args(args), args.data, args.out, settings=settings, curves=curves,
-                                 model_name=Path(args.model).name)
+    results = evaluate_directory(load_from_args(args), args.data, args.out, settings=settings, name=args.name,
+                                 curves=curves, model_name=Path(args.model).name)
+    if args.card:
+        record_in_model_card(args.model, results, args.data, args.out)
     for split in split_names(results):
         print(f"{split}: {describe_counts(results[split]['data'])}")
-        retrieval = results[split]["retrieval"]
-        captions = results[split]["captioning"]
-        print(f"{split}: a2t R@1 {retrieval['a2t']['r1']:.3f}, t2i R@1 {retrieval['t2i']['r1']:.3f}, "
-              f"caption attributes image {captions['image'].get('attribute_accuracy', float('nan')):.3f} "
-              f"audio {captions['audio'].get('attribute_accuracy', float('nan')):.3f}, text-to-image "
-              f"attributes {results[split]['text_to_image']['text'].get('attribute_accuracy', float('nan')):.3f}")
+        print(f"{split}: {headline(results[split])}")
     print(f"eval: report in {Path(args.out) / 'report.md'}")
+

@@ -1,4 +1,4 @@
-"""``opt vq train`` and ``opt model summary``."""
+"""``opt vq train``, ``opt model init`` and ``opt model summary``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_config_arguments(train)
     train.set_defaults(handler=run_vq_train)
 
-    model_sub = add_command_group(commands, "model", "inspect the model")
+    model_sub = add_command_group(commands, "model", "make or inspect a model")
+    init = model_sub.add_parser("init", help="write an untrained model directory, with the pretrained parts the "
+                                "config names loaded (the start of a run, or something to inspect)")
+    init.add_argument("--out", type=output_folder, required=True,
+                      help="model directory to write (config.json, model.safetensors, vq/, tokenizer, README.md)")
+    add_config_arguments(init)
+    init.set_defaults(handler=run_init)
     summary = model_sub.add_parser("summary", help="parameters per part and FLOPs per sample of a training step")
     add_config_arguments(summary)
     summary.set_defaults(handler=run_summary)
@@ -32,12 +38,26 @@ def run_vq_train(args: argparse.Namespace) -> None:
           f"used -> {args.out} (reconstructions.png, metrics.json)")
 
 
+def run_init(args: argparse.Namespace) -> None:
+    from opt.model.init import init_model
+
+    model = init_model(config_from_args(args), args.out)
+    trainable = sum(p.numel() for p in model.parameters())
+    loaded = [encoder.load_report for encoder in model.encoders.values() if encoder.load_report is not None]
+    print(f"model init: {trainable / 1e6:,.1f} M parameters, {len(loaded)} pretrained part(s) -> {args.out}")
+
+
 def run_summary(args: argparse.Namespace) -> None:
     from opt.model.opt_model import ModelSpec, OPTModel
     from opt.model.summary import parameter_counts, training_step_flops
 
     config = config_from_args(args)
-    model = OPTModel(ModelSpec.from_config(config))
+    tokenizer = None
+    if config.model.text.pretrained_dir:  # a pretrained BERT's vocabulary is its own tokenizer's
+        from opt.text.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer.path)
+    model = OPTModel(ModelSpec.from_config(config, tokenizer))
     counts = parameter_counts(model)
     width = max(map(len, counts))
     for name, count in counts.items():

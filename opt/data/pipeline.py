@@ -24,7 +24,7 @@ from opt.data.batch import Collator
 from opt.data.samples import DecodedSample, SampleDecoder, SkipSample
 from opt.data.shards import resolve_shards
 from opt.errors import DataError
-from opt.text.tokenizer import TextTokenizer
+from opt.text.tokenizer import Tokenizer
 
 
 def by_reason(counts: dict[str, int]) -> str:
@@ -191,7 +191,7 @@ def _with_stats(batch: dict) -> dict:
     return batch
 
 
-def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, tokenizer: TextTokenizer | None, *,
+def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, tokenizer: Tokenizer | None, *,
                   train: bool, seed: int = 0, batch_size: int | None = None,
                   split_by_node: bool = True) -> wds.DataPipeline:
     """The pipeline as an ``IterableDataset`` of batches.
@@ -231,7 +231,7 @@ class BatchLoader:
     read) and, for training, the seed of the shard order and shuffle buffer.
     """
 
-    def __init__(self, spec: str, data: DataConfig, audio: AudioConfig, tokenizer: TextTokenizer | None, *,
+    def __init__(self, spec: str, data: DataConfig, audio: AudioConfig, tokenizer: Tokenizer | None, *,
                  train: bool, seed: int = 0, workers: int | None = None, batch_size: int | None = None,
                  split_by_node: bool = True) -> None:
         self.shards = resolve_shards(spec)

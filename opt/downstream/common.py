@@ -19,6 +19,7 @@ samples of one image or clip the same ``group`` in their metadata
 from __future__ import annotations
 
 from collections import Counter
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +32,17 @@ from opt import MODALITIES
 from opt.config import DataConfig
 from opt.data.batch import batch_rows, to_device
 from opt.data.pipeline import BatchLoader, DataStats, by_reason
+from opt.data.samples import EXTENSIONS
+from opt.data.shards import resolve_shards
 from opt.errors import UserError
 from opt.model.opt_model import OPTModel
-from opt.text.tokenizer import TextTokenizer, load_tokenizer, tokenizer_in
+from opt.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_in
 
 
 @dataclass
 class LoadedModel:
     model: OPTModel
-    tokenizer: TextTokenizer
+    tokenizer: Tokenizer
     device: torch.device
 
 
@@ -81,6 +84,21 @@ def data_settings(loaded: LoadedModel, *, batch_size: int = 64, workers: int = 0
     spec = loaded.model.spec
     return DataConfig(modalities=list(modalities), require=list(require), image_size=spec.image_size,
                       max_text_tokens=spec.max_text_tokens, batch_size=batch_size, workers=workers)
+
+
+def split_modalities(data: str, *, members: int = 512) -> list[str]:
+    """The modalities the samples of a shard spec carry, read from the member names of its
+    first shard (at most ``members`` of them; nothing is decoded). A caption corpus gives
+    ``["text", "image"]``, the synthetic world all three."""
+    found: set[str] = set()
+    try:
+        with tarfile.open(resolve_shards(data)[0]) as tar:
+            for _, member in zip(range(members), tar):
+                extension = Path(member.name).name.partition(".")[2].lower()
+                found |= {m for m, extensions in EXTENSIONS.items() if extension in extensions}
+    except (tarfile.TarError, OSError) as error:
+        raise UserError(f"cannot read the first shard of {data}: {error}") from None
+    return [m for m in MODALITIES if m in found]
 
 
 def group_of(key: str, meta: dict) -> str:

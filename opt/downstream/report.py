@@ -33,6 +33,9 @@ def _cell(value) -> str:
 def _table(results: dict, task: str, rows: list[str], columns: list[str]) -> list[str]:
     """Rows x columns; each cell the splits' values side by side (``test / test_novel``)."""
     splits = split_names(results)
+    rows = [row for row in rows if any(_lookup(results[split], f"{task}.{row}") for split in splits)]
+    if not rows:
+        return ["(not run: the splits lack the modalities)"]
     lines = ["| " + " / ".join(splits) + " | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
         cells = [" / ".join(_cell(_lookup(results[split], f"{task}.{row}.{column}")) for split in splits)
@@ -44,8 +47,8 @@ def _table(results: dict, task: str, rows: list[str], columns: list[str]) -> lis
 def render_report(results: dict, figures: dict[str, str], model_name: str) -> str:
     """The markdown report: tables with the splits side by side, then the pictures."""
     lines = [f"# OPT evaluation{': ' + model_name if model_name else ''}", ""]
-    lines += ["## Data", "", "Each split read with every modality: a corrupt sample, or one lacking a modality, "
-              "is skipped.", ""]
+    lines += ["## Data", "", "Each split read with every modality its shards carry: a corrupt sample, or one "
+              "lacking one of them, is skipped.", ""]
     lines += [f"- {split}: {describe_counts(results[split]['data'])}" for split in split_names(results)] + [""]
     lines += ["## Retrieval", "",
               "Pool: the whole split, every caption and each image or clip once (the first sample of its "
@@ -61,7 +64,8 @@ def render_report(results: dict, figures: dict[str, str], model_name: str) -> st
     lines += ["Per attribute (fraction of objects stated correctly):", ""]
     lines += _table(results, "captioning", list(INPUTS),
                     ["attribute_color", "attribute_size", "attribute_shape", "attribute_position_or_relation"]) + [""]
-    settings = next((results[s]["text_to_image"]["text"] for s in split_names(results)), {})
+    settings = next((results[s]["text_to_image"]["text"] for s in split_names(results)
+                     if "text_to_image" in results[s]), {})
     drawn = (f"Decoding: {settings['decoding']}, guidance {settings['guidance']}, each picture the best of "
              f"{settings['candidates']} samples by the model's own captioner (log P(prompt | picture)). "
              if "candidates" in settings else "")
@@ -72,8 +76,9 @@ def render_report(results: dict, figures: dict[str, str], model_name: str) -> st
                      "attribute_shape", "r_precision"]) + [""]
     for split in split_names(results):
         if f"{split}_generated" in figures:
-            lines += [f"### Generated from {split} prompts", "", f"![generated]({figures[f'{split}_generated']})",
-                      "", f"### {split}: generated captions (from image, from audio) and the truth", "",
+            lines += [f"### Generated from {split} prompts", "", f"![generated]({figures[f'{split}_generated']})", ""]
+        if f"{split}_captions" in figures:
+            lines += [f"### {split}: generated captions (from image, from audio) and the truth", "",
                       f"![captions]({figures[f'{split}_captions']})", ""]
     if "curves" in figures:
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
@@ -86,3 +91,26 @@ def render_report(results: dict, figures: dict[str, str], model_name: str) -> st
                   f"{machine['torch_threads']} threads; a 1024 x 1024 fp32 matmul ran at "
                   f"{machine['fp32_matmul_gflops_per_s']} GFLOP/s as the evaluation began."]
     return "\n".join(lines) + "\n"
+
+
+def headline(split: dict) -> str:
+    """One line of a split's main figures: R@1 per retrieval direction that had queries, and per
+    captioning input CIDEr (and the world's attribute accuracy where its samples carry facts)."""
+    parts = [f"{name} R@1 {metrics['r1']:.3f}" for name, metrics in split["retrieval"].items()
+             if metrics.get("n") and "r1" in metrics]
+    for inputs, metrics in split["captioning"].items():
+        shown = [f"{key} {metrics[key]:.3f}" for key in ("cider", "attribute_accuracy") if key in metrics]
+        if shown:
+            parts.append(f"captions from {inputs}: {', '.join(shown)}")
+    attributes = split.get("text_to_image", {}).get("text", {}).get("attribute_accuracy")
+    if attributes is not None:
+        parts.append(f"text-to-image attributes {attributes:.3f}")
+    return "; ".join(parts) or "nothing to score"
+
+
+def evaluation_section(results: dict, data: str, report: str) -> str:
+    """The model card's evaluation section: each split's data and headline figures."""
+    lines = [f"`opt eval` on `{data}` (full report: `{report}`):", ""]
+    for split in split_names(results):
+        lines.append(f"- **{split}** ({describe_counts(results[split]['data'])}): {headline(results[split])}")
+    return "\n".join(lines)

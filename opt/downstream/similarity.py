@@ -24,13 +24,13 @@ from opt.data.batch import Collator, to_device
 from opt.data.samples import DecodedSample, SampleDecoder, SkipSample
 from opt.downstream.common import load_model
 from opt.model.opt_model import OPTModel
-from opt.text.tokenizer import TextTokenizer
+from opt.text.tokenizer import Tokenizer
 
 
 class TowerSimilarity:
     """Callable scoring raw samples by the cosine of their two-tower embeddings."""
 
-    def __init__(self, model: OPTModel, tokenizer: TextTokenizer, *, pair: tuple[str, str] = ("image", "text"),
+    def __init__(self, model: OPTModel, tokenizer: Tokenizer, *, pair: tuple[str, str] = ("image", "text"),
                  batch_size: int = 32, device: str = "cpu") -> None:
         spec = model.spec
         self.pair = pair

@@ -11,6 +11,7 @@ from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import fp32_state_dict
 from opt.errors import UserError
 from opt.logs import warn
+from opt.model.card import TrainingFacts
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.text.tokenizer import load_tokenizer, tokenizer_in
 
@@ -45,5 +46,10 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | Path | Non
         raise UserError(f"checkpoint {directory} does not match the run's config: "
                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
     model.load_vq(run / "vq")
+    numbered = checkpoints.PATTERN.match(directory.name)
+    step = int(numbered.group(1)) if numbered else 0
+    training = TrainingFacts(data=config.data.train, steps=step,
+                             batch_size=config.data.batch_size * config.train.accumulation,
+                             tasks=dict(config.tasks.weights), init_from=config.train.init_from)
     with torch.no_grad():
-        return model.save_pretrained(out, tokenizer=tokenizer)
+        return model.save_pretrained(out, tokenizer=tokenizer, training=training)

@@ -31,9 +31,10 @@ from opt.model.decoders import ImageTokenDecoder, TextDecoder
 from opt.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
 from opt.model.io import CONFIG_NAME, load_weights, read_config, save_directory
 from opt.model.layers import init_weights
-from opt.model.vq import DOWNSAMPLE, VQTokenizer, load_vq, save_vq
+from opt.model.vq import VQTokenizer, load_vq, save_vq
 from opt.text.tokenizer import SPECIAL_IDS
 
+MODEL_TYPE = "opt"  # config.json's model_type, as Hugging Face model directories name their architecture
 ITM_CLASSES = 5  # matched, image swapped, audio swapped, image+audio from one other, from two others
 
 
@@ -50,6 +51,8 @@ class ModelSpec:
     mask_id: int
     image_size: int
     max_text_tokens: int
+    # the tokenizer's special ids (never masked or drawn as random tokens by MLM); default: SentencePiece's
+    special_ids: tuple[int, ...] = tuple(sorted(SPECIAL_IDS.values()))
     # the transformers configs of pretrained text and audio backbones ({"text": {...}, "audio": {...}}),
     # so that a saved model rebuilds them without the directories they were first read from
     backbones: dict = dataclasses.field(default_factory=dict)
@@ -63,7 +66,8 @@ class ModelSpec:
                    "bos_id": SPECIAL_IDS["bos"], "eos_id": SPECIAL_IDS["eos"], "mask_id": SPECIAL_IDS["mask"]}
         else:
             ids = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id,
-                   "eos_id": tokenizer.eos_id, "mask_id": tokenizer.mask_id}
+                   "eos_id": tokenizer.eos_id, "mask_id": tokenizer.mask_id,
+                   "special_ids": tuple(sorted(i for i in tokenizer.special_ids if i is not None))}
         return cls(model=config.model, audio=config.audio, image_size=config.data.image_size,
                    max_text_tokens=config.data.max_text_tokens, **ids)
 
@@ -72,20 +76,23 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelSpec":
-        return cls(**(values | {"model": config_from_dict(ModelConfig, values["model"]),
-                                "audio": config_from_dict(AudioConfig, values["audio"])}))
+        upgraded = {"model": config_from_dict(ModelConfig, values["model"]),
+                    "audio": config_from_dict(AudioConfig, values["audio"])}
+        if "special_ids" in values:
+            upgraded["special_ids"] = tuple(values["special_ids"])
+        return cls(**(values | upgraded))
 
     @property
     def image_codes(self) -> int:
         """VQ codes per image (the VQ tokenizer's grid)."""
-        return (self.image_size // DOWNSAMPLE) ** 2
+        return (self.image_size // self.model.vq.downsample) ** 2
 
     @property
     def codes_per_patch_side(self) -> int:
         """Masked vision modelling predicts k x k codes per hidden patch, k the patch's side in
         VQ cells rounded (at least 1): 1 for 8-px patches, 2 for 16-px ones; smaller patches
         predict the code of the cell they lie in."""
-        return max(1, round(self.model.vision.patch_size / DOWNSAMPLE))
+        return max(1, round(self.model.vision.patch_size / self.model.vq.downsample))
 
 
 class LearnedScale(nn.Module):
@@ -276,14 +283,19 @@ class OPTModel(nn.Module):
 
     # -- save / load -------------------------------------------------------------------------------
 
-    def save_pretrained(self, out: str | Path, *, tokenizer=None) -> Path:
-        """Write ``config.json``, ``model.safetensors``, ``vq/`` (the VQ tokenizer directory)
-        and the text tokenizer's files (``tokenizer.model`` or ``tokenizer/``) atomically."""
+    def save_pretrained(self, out: str | Path, *, tokenizer=None, training=None) -> Path:
+        """Write ``config.json``, ``model.safetensors``, ``vq/`` (the VQ tokenizer directory), the
+        text tokenizer's files (``tokenizer.model`` or ``tokenizer/``) and the model card
+        ``README.md`` (``training``: a :class:`~opt.model.card.TrainingFacts`) atomically."""
+        from opt.model.card import CARD_NAME, model_card
+
         extra = dict(tokenizer.files()) if tokenizer is not None else {}
+        extra[CARD_NAME] = model_card(self, training).encode()
         with tempfile.TemporaryDirectory() as tmp:
             save_vq(self.vq, Path(tmp) / "vq")
             extra |= {f"vq/{p.name}": p.read_bytes() for p in (Path(tmp) / "vq").iterdir()}
-        return save_directory(self, {"kind": "opt_model", "spec": self.spec.to_dict()}, out, extra_files=extra)
+        config = {"model_type": MODEL_TYPE, "kind": "opt_model", "spec": self.spec.to_dict()}
+        return save_directory(self, config, out, extra_files=extra)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "OPTModel":

@@ -1,8 +1,9 @@
 """VQ image tokenizer: a convolutional VQ-VAE mapping images to a grid of codes and back.
 
 Choices:
-- x8 downsampling in three stride-2 stages (64 px -> 8 x 8 = 64 codes, as in OPT),
-  channels x1, x2, x4, x4 of ``channels`` from full to 1/8 resolution;
+- x8 downsampling in three stride-2 stages (64 px -> 8 x 8 = 64 codes, as in OPT) by default,
+  channels x1, x2, x4, x4 of ``channels`` from full to 1/8 resolution; ``downsample`` 16 or 32
+  adds stages at x4 channels (224 px at x16: 14 x 14 codes, one per ViT-B/16 patch);
 - the quantizer is ``vector_quantize_pytorch.VectorQuantize``: EMA codebook
   updates, k-means initialisation from the first batch, and restarts of dead
   codes (EMA usage below a threshold) from the current batch. It is a
@@ -26,9 +27,6 @@ from vector_quantize_pytorch import VectorQuantize
 from opt.config import VQConfig
 from opt.model.io import load_weights, read_config, save_directory
 
-DOWNSAMPLE = 8
-
-
 class ResidualBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -41,23 +39,27 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-CHANNEL_MULTIPLIERS = (1, 2, 4, 4)  # channels at full, 1/2, 1/4 and 1/8 resolution
+def _widths(config: VQConfig) -> list[int]:
+    """Channels at full resolution, then after each stride-2 stage: x1, x2, x4, then x4 again."""
+    stages = config.downsample.bit_length() - 1
+    return [config.channels * min(2 ** stage, 4) for stage in range(stages + 1)]
 
 
 def _encoder(config: VQConfig) -> nn.Sequential:
-    widths = [config.channels * m for m in CHANNEL_MULTIPLIERS]
+    widths = _widths(config)
     layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
-    for stage in range(3):
+    for stage in range(len(widths) - 1):
         layers += [ResidualBlock(widths[stage]) for _ in range(config.res_blocks)]
         layers += [nn.Conv2d(widths[stage], widths[stage + 1], 4, stride=2, padding=1), nn.SiLU()]
-    layers += [ResidualBlock(widths[3]), nn.GroupNorm(8, widths[3]), nn.SiLU(), nn.Conv2d(widths[3], config.code_dim, 1)]
+    last = widths[-1]
+    layers += [ResidualBlock(last), nn.GroupNorm(8, last), nn.SiLU(), nn.Conv2d(last, config.code_dim, 1)]
     return nn.Sequential(*layers)
 
 
 def _decoder(config: VQConfig) -> nn.Sequential:
-    widths = [config.channels * m for m in CHANNEL_MULTIPLIERS]
-    layers: list[nn.Module] = [nn.Conv2d(config.code_dim, widths[3], 3, padding=1), ResidualBlock(widths[3])]
-    for stage in (3, 2, 1):
+    widths = _widths(config)
+    layers: list[nn.Module] = [nn.Conv2d(config.code_dim, widths[-1], 3, padding=1), ResidualBlock(widths[-1])]
+    for stage in range(len(widths) - 1, 0, -1):
         layers += [ResidualBlock(widths[stage]) for _ in range(config.res_blocks)]
         layers += [nn.ConvTranspose2d(widths[stage], widths[stage - 1], 4, stride=2, padding=1), nn.SiLU()]
     layers += [nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1)]
@@ -65,7 +67,7 @@ def _decoder(config: VQConfig) -> nn.Sequential:
 
 
 class VQTokenizer(nn.Module):
-    """Images (b, 3, H, W) in [0, 1] <-> codes (b, (H/8) * (W/8)) in [0, codebook_size)."""
+    """Images (b, 3, H, W) in [0, 1] <-> codes (b, (H/s) * (W/s)) in [0, codebook_size), s = ``downsample``."""
 
     def __init__(self, config: VQConfig) -> None:
         super().__init__()

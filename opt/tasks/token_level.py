@@ -15,16 +15,21 @@ from opt.model.opt_model import OPTModel
 from opt.tasks.base import TaskGenerators, TaskOutput, accuracy, select_positions, uniform
 from opt.tasks.modality_level import drop_modalities
 
-FIRST_ORDINARY_ID = 7  # ids below are special tokens (pad, unk, bos, eos, mask, cls, sep)
+def ordinary_ids(vocab_size: int, special_ids) -> torch.Tensor:
+    """The vocabulary's ids that are not special tokens, ascending (SentencePiece: 7 to the end;
+    BERT's WordPiece: every id but [PAD], [UNK], [CLS], [SEP] and [MASK])."""
+    ordinary = torch.ones(vocab_size, dtype=torch.bool)
+    ordinary[list(special_ids)] = False
+    return ordinary.nonzero()[:, 0]
 
 
-def mask_text_ids(ids: torch.Tensor, valid: torch.Tensor, *, rate: float, mask_id: int, vocab_size: int,
+def mask_text_ids(ids: torch.Tensor, valid: torch.Tensor, *, rate: float, mask_id: int, ordinary: torch.Tensor,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: select ``rate`` of the valid tokens; of those 80% become [MASK],
-    10% a random ordinary token, 10% stay. Returns (new ids, selected)."""
+    10% a random ordinary token (one of ``ordinary``), 10% stay. Returns (new ids, selected)."""
     selected = select_positions(valid, rate, generator)
     roll = uniform(ids.shape, generator).to(ids.device)
-    random_ids = torch.randint(FIRST_ORDINARY_ID, vocab_size, ids.shape, generator=generator).to(ids.device)
+    random_ids = ordinary[torch.randint(len(ordinary), ids.shape, generator=generator)].to(ids.device)
     masked = ids.clone()
     masked[selected & (roll < 0.8)] = mask_id
     swap = selected & (roll >= 0.8) & (roll < 0.9)
@@ -47,9 +52,10 @@ class MaskedLanguageModeling:
         generator = generators.local
         spec = model.spec
         text = batch["text"]
-        content = text["mask"] & (text["ids"] >= FIRST_ORDINARY_ID) & text["present"][:, None]
+        specials = torch.tensor(spec.special_ids, device=text["ids"].device)
+        content = text["mask"] & ~torch.isin(text["ids"], specials) & text["present"][:, None]
         ids, selected = mask_text_ids(text["ids"], content, rate=self.config.mlm_rate, mask_id=spec.mask_id,
-                                      vocab_size=spec.vocab_size, generator=generator)
+                                      ordinary=ordinary_ids(spec.vocab_size, spec.special_ids), generator=generator)
         batch = drop_modalities(batch, "text", self.config.modality_drop, generator)
         fused = model.fuse(model.encode_unimodal(batch, text_ids=ids))
         logits = model.heads["mlm"](_span(fused, "text")[selected]).float()

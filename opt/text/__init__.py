@@ -1,5 +1,14 @@
 """Text tokenisation."""
 
-from opt.text.tokenizer import TextTokenizer, load_tokenizer, save_tokenizer, tokenizer_in, train_tokenizer
+from opt.text.tokenizer import (
+    HuggingFaceTokenizer,
+    TextTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_in,
+    train_tokenizer,
+)
 
-__all__ = ["TextTokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_in", "train_tokenizer"]
+__all__ = ["HuggingFaceTokenizer", "TextTokenizer", "Tokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_in",
+           "train_tokenizer"]

@@ -1,8 +1,15 @@
-"""A SentencePiece text tokenizer with byte fallback and fixed special ids.
+"""Text tokenizers: a SentencePiece model trained here, or a Hugging Face tokenizer directory.
 
-Special tokens and their ids (the same for every trained model):
-pad 0, unk 1, bos 2, eos 3, then the user-defined pieces [MASK] 4, [CLS] 5,
-[SEP] 6. Byte fallback means any UTF-8 text encodes without <unk>.
+Both expose the same ids and methods (:class:`Tokenizer`): encoding truncates keeping bos and
+eos at the ends, decoding stops at eos and drops special ids.
+
+SentencePiece (:class:`TextTokenizer`): byte fallback (any UTF-8 text encodes without <unk>)
+and special ids that are the same for every trained model: pad 0, unk 1, bos 2, eos 3, then the
+user-defined pieces [MASK] 4, [CLS] 5, [SEP] 6.
+
+Hugging Face (:class:`HuggingFaceTokenizer`): the tokenizer of a pretrained text encoder (a BERT's
+WordPiece vocabulary), read from local files only. Following BERT, a sequence starts with the
+tokenizer's [CLS] (our bos) and ends with its [SEP] (our eos).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,10 +35,69 @@ SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4, "cls": 5, "sep
 
 SENTENCEPIECE_NAME = "tokenizer.model"  # a SentencePiece tokenizer inside a model or run directory
 HF_DIRECTORY_NAME = "tokenizer"  # a Hugging Face tokenizer's files inside a model or run directory
+# any of these marks a directory as holding a Hugging Face tokenizer (a model-only directory
+# would otherwise load as a tokenizer with nothing but the special tokens)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
-class TextTokenizer:
-    """Encode captions to ids and back."""
+class Tokenizer(ABC):
+    """Encode captions to ids and back: what the data pipeline, the model spec and decoding need."""
+
+    pad_id: int
+    unk_id: int | None  # None for a vocabulary without an unknown token
+    bos_id: int  # starts every encoded text
+    eos_id: int  # ends every encoded text; decoding stops at it
+    mask_id: int
+    cls_id: int
+    sep_id: int
+    special_ids: frozenset[int]  # dropped by decode
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Ids are in ``range(vocab_size)``."""
+
+    @abstractmethod
+    def files(self) -> dict[str, bytes]:
+        """The files that hold this tokenizer, by their name in a model or run directory."""
+
+    @abstractmethod
+    def save(self, path: str | Path) -> None:
+        """Write this tokenizer to ``path`` (what :func:`load_tokenizer` reads back)."""
+
+    @abstractmethod
+    def _plain_ids(self, text: str) -> list[int]:
+        """Ids of ``text`` without bos or eos."""
+
+    @abstractmethod
+    def _plain_text(self, ids: list[int]) -> str:
+        """Text of ids that hold no special id."""
+
+    def encode(self, text: str, *, max_length: int | None = None, add_bos: bool = True,
+               add_eos: bool = True) -> list[int]:
+        """Ids of ``text``; truncated to ``max_length`` keeping bos/eos at the ends."""
+        ids = self._plain_ids(text)
+        budget = None if max_length is None else max_length - int(add_bos) - int(add_eos)
+        if budget is not None:
+            if budget < 0:
+                raise ValueError(f"max_length {max_length} leaves no room for bos/eos")
+            ids = ids[:budget]
+        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; special ids are dropped and decoding stops at eos."""
+        kept = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i not in self.special_ids:
+                kept.append(i)
+        return self._plain_text(kept)
+
+
+class TextTokenizer(Tokenizer):
+    """A SentencePiece model with the fixed special ids of :data:`SPECIAL_IDS`."""
 
     def __init__(self, model_proto: bytes) -> None:
         self._proto = model_proto
@@ -58,41 +126,81 @@ class TextTokenizer:
         write_atomic(path, self._proto)
 
     def files(self) -> dict[str, bytes]:
-        """The files that hold this tokenizer, by their name in a model or run directory."""
         return {SENTENCEPIECE_NAME: self._proto}
 
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, text: str, *, max_length: int | None = None, add_bos: bool = True,
-               add_eos: bool = True) -> list[int]:
-        """Ids of ``text``; truncated to ``max_length`` keeping bos/eos at the ends."""
-        ids = self.sp.encode(text, out_type=int)
-        budget = None if max_length is None else max_length - int(add_bos) - int(add_eos)
-        if budget is not None:
-            if budget < 0:
-                raise ValueError(f"max_length {max_length} leaves no room for bos/eos")
-            ids = ids[:budget]
-        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
+    def _plain_ids(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; special ids are dropped and decoding stops at eos."""
-        kept = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            if i not in self.special_ids:
-                kept.append(i)
-        return self.sp.decode(kept)
+    def _plain_text(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
 
 
-def load_tokenizer(path: str | Path) -> TextTokenizer:
+class HuggingFaceTokenizer(Tokenizer):
+    """A ``transformers`` tokenizer read from a local directory (e.g. a pretrained BERT's).
+
+    bos is its [CLS] token and eos its [SEP] token (BERT's ``[CLS] text [SEP]``); a tokenizer
+    without a cls token uses its bos token, one without a sep token its eos token. pad, mask and
+    unk are its own. ``vocab_size`` counts added tokens (``len(tokenizer)``).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        from transformers import AutoTokenizer  # here: slow to import, and SentencePiece runs never need it
+
+        self.directory = Path(directory)
+        if not any((self.directory / name).is_file() for name in HF_TOKENIZER_FILES):
+            raise UserError(f"{self.directory} holds no tokenizer (none of {', '.join(HF_TOKENIZER_FILES)})")
+        try:
+            self.hf = AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
+        except (OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise UserError(f"cannot read the Hugging Face tokenizer in {self.directory}: {reason}") from None
+        hf = self.hf
+        self.pad_id = self._required("pad", hf.pad_token_id)
+        self.mask_id = self._required("mask", hf.mask_token_id)
+        self.bos_id = self.cls_id = self._required("cls (or bos)", _first_set(hf.cls_token_id, hf.bos_token_id))
+        self.eos_id = self.sep_id = self._required("sep (or eos)", _first_set(hf.sep_token_id, hf.eos_token_id))
+        self.unk_id = hf.unk_token_id
+        named = {self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.mask_id} - {None}
+        self.special_ids = frozenset(named | set(hf.all_special_ids))
+
+    def _required(self, name: str, token_id: int | None) -> int:
+        if token_id is None:
+            raise UserError(f"the tokenizer in {self.directory} has no {name} token")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def save(self, path: str | Path) -> None:
+        self.hf.save_pretrained(path)
+
+    def files(self) -> dict[str, bytes]:
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(tmp)
+            return {f"{HF_DIRECTORY_NAME}/{file.relative_to(tmp).as_posix()}": file.read_bytes()
+                    for file in sorted(Path(tmp).rglob("*")) if file.is_file()}
+
+    def _plain_ids(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def _plain_text(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
+def _first_set(*ids: int | None) -> int | None:
+    return next((i for i in ids if i is not None), None)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer at ``path``: a SentencePiece model file, or a Hugging Face tokenizer directory."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a directory; Hugging Face tokenizers are not supported yet")
+        return HuggingFaceTokenizer(path)
     return TextTokenizer.from_file(path)
 
 
@@ -105,7 +213,7 @@ def tokenizer_in(directory: str | Path) -> Path:
     raise UserError(f"{directory} has no tokenizer ({SENTENCEPIECE_NAME} or {HF_DIRECTORY_NAME}/)")
 
 
-def save_tokenizer(tokenizer: TextTokenizer, directory: str | Path) -> None:
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
     """Write ``tokenizer``'s files into ``directory`` (each atomically)."""
     for name, payload in tokenizer.files().items():
         (Path(directory) / name).parent.mkdir(parents=True, exist_ok=True)
