@@ -131,6 +131,19 @@ def test_training_mode_resamples_forever_with_full_shuffled_batches(world, token
     assert seen[:24] != sorted(seen[:24])
 
 
+def test_workers_reading_one_shard_shuffle_it_differently(world, tokenizer):
+    """The val split is one shard: both workers resample it; a shared shuffle seed gave every batch twice."""
+    config = load_config(None, ["data.batch_size=8", "data.workers=2", "data.shuffle_buffer=16"])
+    assert len(resolve_shards(f"{world}/val-*.tar")) == 1
+    loader = BatchLoader(f"{world}/val-*.tar", config.data, config.audio, tokenizer, train=True, seed=0)
+    batches = []
+    for batch in loader:  # the DataLoader takes batches from the workers in turn
+        batches.append(batch["keys"])
+        if len(batches) == 4:
+            break
+    assert batches[0] != batches[1] and batches[2] != batches[3]
+
+
 def test_every_bad_input_is_skipped_or_repaired_and_counted(bad_shard, tokenizer):
     cases = bad_cases({"png": b"", "wav": b""})
     loader = bad_loader(str(bad_shard), tokenizer)

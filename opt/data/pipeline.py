@@ -12,6 +12,7 @@ along with each batch from the worker processes and are summed by
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -191,6 +192,14 @@ def _with_stats(batch: dict) -> dict:
     return batch
 
 
+def _shuffle_per_worker(samples: Iterator[dict], size: int, initial: int, seed: int) -> Iterator[dict]:
+    """webdataset's shuffle buffer with a seed of its own per process and worker (``seed`` itself
+    on the first worker of rank 0). One seed for all made workers that drew the same shard (a
+    corpus of one shard always does) yield the same samples in the same order: every batch twice."""
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    yield from wds.filters._shuffle(samples, size, initial, rng=random.Random(seed + 1000 * rank + worker))
+
+
 def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, tokenizer: Tokenizer | None, *,
                   train: bool, seed: int = 0, batch_size: int | None = None,
                   split_by_node: bool = True) -> wds.DataPipeline:
@@ -213,7 +222,7 @@ def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, token
     watchdog = NothingUsable(shards=len(shards), buffer=data.shuffle_buffer) if train else None
     stages.append(wds.pipelinefilter(_read_shards)(strict, watchdog))
     if train and data.shuffle_buffer > 0:
-        stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer // 2, seed=seed))
+        stages.append(wds.pipelinefilter(_shuffle_per_worker)(data.shuffle_buffer, data.shuffle_buffer // 2, seed))
     cache = {} if train and data.cache_decoded else None  # one per process: each worker fills its own
     stages.append(wds.pipelinefilter(_decode)(decoder, strict, cache, watchdog))
     stages.append(wds.pipelinefilter(_batches)(batch_size or data.batch_size, not train, collate))
