@@ -1,17 +1,26 @@
-"""``opt caption``, ``opt generate`` and ``opt retrieve``: the downstream tasks on a model
-directory (``opt export``); ``opt eval`` runs them all (:mod:`opt.cli.eval_cmd`)."""
+"""``opt caption``, ``opt generate``, ``opt retrieve``, ``opt embed`` and ``opt search``: the
+downstream tasks on a model directory (``opt export``), on shards or on files; ``opt eval``
+runs them all on a split (:mod:`opt.cli.eval_cmd`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from opt import MODALITIES
 from opt.cli.common import DATA_HELP, non_negative_int, output_file, output_folder, positive_int
 from opt.errors import UserError
 
+if TYPE_CHECKING:
+    from opt.data.pipeline import DataStats
+    from opt.downstream.captioning import Caption
+
 DEFAULT_CANDIDATES = 32  # text-to-image best-of-N (a literal here so the CLI starts without importing torch)
 MODEL_HELP = "model directory written by opt export (config.json, model.safetensors, vq/, tokenizer.model)"
+FILES_HELP = ("{} files: files, folders (their {} files, recursive, sorted) or globs; each file's key is "
+              "its path as given or found")
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:
@@ -32,17 +41,22 @@ def add_decoding(parser: argparse.ArgumentParser) -> None:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    caption = commands.add_parser("caption", help="caption images and/or speech; metrics against the references")
+    caption = commands.add_parser("caption", help="caption images or speech from shards (with metrics against "
+                                  "the references) or from files")
     add_model(caption)
-    caption.add_argument("--data", required=True, help=DATA_HELP)
-    caption.add_argument("--inputs", default="image", help="image, audio or image+audio (default image)")
+    sources = caption.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--data", help=DATA_HELP)
+    sources.add_argument("--image", nargs="+", metavar="PATH", help=FILES_HELP.format("image", ".png/.jpg/.jpeg/.webp"))
+    sources.add_argument("--audio", nargs="+", metavar="PATH", help=FILES_HELP.format("audio", ".wav/.flac/.ogg"))
+    caption.add_argument("--inputs", help="with --data: image, audio or image+audio (default image)")
     caption.add_argument("--out", type=output_file, required=True,
-                         help="output JSON lines, one {key, caption} per sample (per group where "
+                         help="output JSON lines, one {key, caption} per sample or file (per group where "
                          "samples share an image or clip)")
     caption.add_argument("--beam", type=positive_int, default=1, help="beam size, 1 = greedy (default 1)")
-    caption.add_argument("--limit", type=positive_int, help="read at most this many samples")
+    caption.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch (default 64)")
+    caption.add_argument("--limit", type=positive_int, help="read at most this many samples (or files)")
     caption.add_argument("--no-references", dest="references", action="store_false",
-                         help="skip the metrics against the shard captions")
+                         help="skip the metrics against the shard captions (files have none)")
     caption.set_defaults(handler=run_caption)
 
     generate = commands.add_parser("generate", help="generate images from text prompts (and speech)")
@@ -72,6 +86,33 @@ def register(commands: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--out", type=output_file, help="write the metrics to this JSON file")
     retrieve.set_defaults(handler=run_retrieve)
 
+    embed = commands.add_parser("embed", help="two-tower embeddings of shards, files or text lines, saved as an "
+                                "index for opt search")
+    add_model(embed)
+    embed.add_argument("--modality", required=True, choices=MODALITIES, help="what to embed")
+    sources = embed.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--data", help=f"{DATA_HELP}; keys: the sample keys")
+    sources.add_argument("--files", nargs="+", metavar="PATH", help=FILES_HELP.format("--modality's", "matching"))
+    sources.add_argument("--texts", metavar="FILE",
+                         help="a UTF-8 text file, one text per line (--modality text); each line's key is its "
+                         "text (blank lines are left out)")
+    embed.add_argument("--out", type=output_file, required=True,
+                       help="index file (safetensors: the (n, dim) embeddings, keys and modality)")
+    embed.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch (default 64)")
+    embed.set_defaults(handler=run_embed)
+
+    search = commands.add_parser("search", help="rank the entries of an opt embed index against a text, image "
+                                 "or audio query")
+    add_model(search)
+    search.add_argument("--index", required=True, help="index file written by opt embed with this model")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query")
+    query.add_argument("--image", metavar="PATH", help="an image file as the query")
+    query.add_argument("--audio", metavar="PATH", help="a speech or sound file as the query")
+    search.add_argument("--k", type=positive_int, default=10, help="entries shown (default 10)")
+    search.add_argument("--json", action="store_true", help="print the ranking as one JSON object")
+    search.set_defaults(handler=run_search)
+
 
 def load_from_args(args: argparse.Namespace):
     from opt.downstream.common import load_model
@@ -86,23 +127,47 @@ def _print_metrics(title: str, metrics: dict) -> None:
 
 
 def run_caption(args: argparse.Namespace) -> None:
+    if args.data is None:
+        return _caption_files(args)
     from opt.data.pipeline import DataStats
     from opt.downstream.captioning import caption_metrics, caption_split, parse_inputs
-    from opt.downstream.common import describe_counts
     from opt.downstream.plugins import PLUGINS
     from opt.files import write_atomic
 
-    parse_inputs(args.inputs)
+    inputs = args.inputs or "image"
+    parse_inputs(inputs)
     read = DataStats()
-    captions = caption_split(load_from_args(args), args.data, args.inputs, beam=args.beam, limit=args.limit, stats=read)
-    lines = "".join(json.dumps({"key": c.key, "caption": c.caption}) + "\n" for c in captions)
-    write_atomic(args.out, lines.encode())
-    print(f"data: {describe_counts(read.as_dict())}")
-    print(f"caption: {len(captions)} captions -> {args.out}")
+    captions = caption_split(load_from_args(args), args.data, inputs, beam=args.beam, limit=args.limit,
+                             batch_size=args.batch_size, stats=read)
+    _write_captions(captions, args.out, read)
     if args.references:
-        metrics = caption_metrics(captions, args.inputs, plugins=PLUGINS) | {"data": read.as_dict()}
+        metrics = caption_metrics(captions, inputs, plugins=PLUGINS) | {"data": read.as_dict()}
         write_atomic(Path(args.out).with_suffix(".metrics.json"), json.dumps(metrics, indent=2).encode())
         _print_metrics("metrics", metrics)
+
+
+def _caption_files(args: argparse.Namespace) -> None:
+    from opt.data.pipeline import DataStats
+    from opt.downstream.captioning import caption_batches
+    from opt.downstream.files import expand_paths, file_batches
+
+    if args.inputs is not None:
+        raise UserError("--inputs is for --data; files are captioned from what they hold (--image or --audio)")
+    modality = "image" if args.image else "audio"
+    files = expand_paths(args.image or args.audio, modality)[: args.limit]
+    loaded = load_from_args(args)
+    read = DataStats()
+    batches = file_batches(loaded, files, modality, batch_size=args.batch_size, stats=read)
+    _write_captions(caption_batches(loaded, batches, modality, beam=args.beam), args.out, read)
+
+
+def _write_captions(captions: list[Caption], out: str, read: DataStats) -> None:
+    from opt.downstream.common import describe_counts
+    from opt.files import write_atomic
+
+    write_atomic(out, "".join(json.dumps({"key": c.key, "caption": c.caption}) + "\n" for c in captions).encode())
+    print(f"data: {describe_counts(read.as_dict())}")
+    print(f"caption: {len(captions)} captions -> {out}")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -190,3 +255,60 @@ def run_retrieve(args: argparse.Namespace) -> None:
         print(f"  two-tower {seconds['two_tower']:.2f} s, re-rank {seconds['rerank']:.2f} s")
     if args.out:
         write_atomic(args.out, json.dumps(results, indent=2).encode())
+
+
+def run_embed(args: argparse.Namespace) -> None:
+    from opt.data.pipeline import DataStats
+    from opt.downstream.common import describe_counts, iterate_batches
+    from opt.downstream.files import expand_paths, file_batches, input_batches, read_text_lines
+    from opt.downstream.index import embed_batches, save_index
+
+    modality = args.modality
+    if args.texts is not None and modality != "text":
+        raise UserError(f"--texts holds text, not {modality}; give --modality text")
+    files = expand_paths(args.files, modality) if args.files else None
+    texts = read_text_lines(args.texts) if args.texts else None
+    loaded = load_from_args(args)
+    read = DataStats()
+    if args.data is not None:
+        batches = iterate_batches(loaded, args.data, modalities=[modality], require=[modality],
+                                  batch_size=args.batch_size, stats=read)
+    elif files is not None:
+        batches = file_batches(loaded, files, modality, batch_size=args.batch_size, stats=read)
+    else:
+        batches = input_batches(loaded, texts, ["text"], batch_size=args.batch_size, stats=read)
+    index = embed_batches(loaded, batches, modality)
+    save_index(index, args.out)
+    print(f"data: {describe_counts(read.as_dict())}")
+    print(f"embed: {len(index)} {modality} embeddings ({index.dim}-d) -> {args.out}")
+
+
+def _query(args: argparse.Namespace) -> tuple[str, str, bytes]:
+    """``(modality, key, bytes)`` of the query, read before the model loads."""
+    if args.text is not None:
+        try:
+            return "text", "--text", args.text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 reach argv as lone surrogates
+            raise UserError("--text is not valid UTF-8 text") from None
+    modality, path = ("image", args.image) if args.image is not None else ("audio", args.audio)
+    if not Path(path).is_file():
+        raise UserError(f"{modality} file not found: {path}")
+    return modality, path, Path(path).read_bytes()
+
+
+def run_search(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from opt.downstream.index import check_model_fits, embed_query, load_index, search
+
+    index = load_index(args.index)
+    modality, key, payload = _query(args)
+    loaded = load_from_args(args)
+    check_model_fits(loaded, index, args.index)
+    hits = search(index, embed_query(loaded, modality, payload, key=key), k=args.k)
+    if args.json:
+        print(json.dumps({"query": {"modality": modality, "key": key}, "index": {"modality": index.modality,
+                          "size": len(index)}, "hits": [asdict(hit) for hit in hits]}))
+        return
+    for hit in hits:
+        print(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.key}")

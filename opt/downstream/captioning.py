@@ -15,11 +15,14 @@ protocol); a sample without a group is captioned and scored on its own. The
 word error rate compares a transcript with the caption of the sample it was
 made from (its spoken words), not with the group's other captions, which say
 the same thing in other words.
+
+Images or clips given as files (:mod:`opt.downstream.files`) are captioned one
+by one (:func:`caption_batches`), without references or metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +92,16 @@ def caption_split(loaded: LoadedModel, data: str, inputs: str, *, beam: int = 1,
             if reference:
                 by_group[group].references.append(reference)
     return list(by_group.values())
+
+
+def caption_batches(loaded: LoadedModel, batches: Iterable[dict], inputs: str, *, beam: int = 1) -> list[Caption]:
+    """One caption per sample of ``batches`` (files or bytes, :mod:`opt.downstream.files`), with
+    no references: inputs given as files have no captions to score against."""
+    sources = parse_inputs(inputs)
+    return [Caption(key, caption, "", meta)
+            for batch in batches
+            for key, caption, meta in zip(batch["keys"], caption_batch(loaded, batch, sources, beam=beam),
+                                          batch["meta"], strict=True)]
 
 
 def caption_metrics(captions: list[Caption], inputs: str, *, with_meteor: bool = True,

@@ -8,6 +8,8 @@ tensors; :class:`LoadReport` records where each tensor of the checkpoint and of 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,3 +100,20 @@ def _unwrapped(state: object, *, path: str, what: str) -> dict[str, torch.Tensor
             raise UserError(f"{what} {path}: {name} is a {type(value).__name__}, not a tensor; "
                             f"expected a state dict in timm's names")
     return state
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own loading chatter (its load-report table, progress bars, warnings about
+    unused weights) silenced while a backbone loads: the :class:`LoadReport` line says it once."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -24,7 +24,7 @@ from transformers import BertConfig, BertModel
 from opt import logs
 from opt.config import TextEncoderConfig
 from opt.errors import UserError
-from opt.model.pretrained import LoadReport
+from opt.model.pretrained import LoadReport, quiet_transformers
 
 
 def _unreadable(directory: str, error: Exception) -> UserError:
@@ -48,8 +48,10 @@ def _pretrained_bert(directory: str, *, vocab_size: int, max_positions: int) -> 
                         f"{max_positions} are asked for; lower data.max_text_tokens "
                         f"(and model.cross.max_text_positions)")
     try:
-        bert, info = BertModel.from_pretrained(directory, config=config, add_pooling_layer=False, dtype=torch.float32,
-                                               local_files_only=True, output_loading_info=True)
+        with quiet_transformers():
+            bert, info = BertModel.from_pretrained(directory, config=config, add_pooling_layer=False,
+                                                   dtype=torch.float32, local_files_only=True,
+                                                   output_loading_info=True)
     except (OSError, ValueError) as error:
         raise _unreadable(directory, error) from None
     missing = set(info["missing_keys"])
