@@ -15,9 +15,11 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from opt.config import AudioConfig
+from opt.config import AudioConfig, AudioInput
 from opt.data.audio import (MAX_RATE, MAX_RATIO_TERM, MIN_RATE, AudioDecodeError, AudioFrontEnd, AudioRateError,
-                            AudioTruncatedError, decode_audio, pad_frames, resample, resample_ratio)
+                            AudioTruncatedError, decode_audio, pad_frames, pad_waveforms, resample, resample_ratio)
+from opt.data.batch import Collator
+from opt.data.samples import DecodedSample
 
 
 def encode(wave: np.ndarray, rate: int, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
@@ -199,3 +201,29 @@ def test_flac_cut_short_is_corrupt():
     with pytest.raises(AudioDecodeError) as error:
         decode_audio(cut(encode(tone(440, 1.0, 16000), 16000, "FLAC"), 0.5))
     assert error.value.reason == "audio_corrupt"
+
+
+def test_waveform_input_is_the_clip_at_zero_mean_and_unit_variance_or_as_it_is():
+    samples = torch.from_numpy(tone(300, 0.5, 16000)) * 0.1 + 0.02
+    normalised = AudioFrontEnd(AudioConfig(input=AudioInput.waveform)).encoder_input(samples)
+    assert normalised.shape == (8000,)
+    assert float(normalised.mean()) == pytest.approx(0, abs=1e-6)
+    assert float(normalised.var(correction=0)) == pytest.approx(1, abs=1e-4)
+    # 1e-7 is added to the variance (as transformers does), 4e-5 of this clip's
+    torch.testing.assert_close(normalised, (samples - samples.mean()) / samples.std(correction=0), rtol=1e-4, atol=1e-5)
+    raw = AudioFrontEnd(AudioConfig(input=AudioInput.waveform, normalize_waveform=False)).encoder_input(samples)
+    assert torch.equal(raw, samples)
+    silence = AudioFrontEnd(AudioConfig(input=AudioInput.waveform)).encoder_input(torch.zeros(800))
+    assert torch.equal(silence, torch.zeros(800))
+
+
+def test_waveforms_are_zero_padded_and_a_batch_without_audio_keeps_the_configured_layout():
+    waveform, mask = pad_waveforms([torch.ones(3), None, torch.full((5,), 2.0)])
+    assert waveform.tolist() == [[1, 1, 1, 0, 0], [0] * 5, [2] * 5]
+    assert mask.tolist() == [[True] * 3 + [False] * 2, [False] * 5, [True] * 5]
+    samples = [DecodedSample("a", "u", audio=torch.ones(400)), DecodedSample("b", "u")]
+    assert set(Collator(["audio"], 0, 64)(samples)["audio"]) == {"waveform", "mask", "present"}  # by rank
+    silent = [DecodedSample("a", "u"), DecodedSample("b", "u")]
+    audio = Collator(["audio"], 0, 64, audio_input=AudioInput.waveform)(silent)["audio"]
+    assert audio["waveform"].shape == audio["mask"].shape == (2, 1) and not audio["present"].any()
+    assert Collator(["audio"], 0, 64)(silent)["audio"]["features"].shape == (2, 1, 64)

@@ -326,8 +326,8 @@ def test_image_decoding_returns_valid_codes_and_images(model_and_batch, decoding
 def test_save_and_load_give_identical_outputs(model_and_batch, tokenizer, tmp_path):
     model, batch = model_and_batch
     model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors",
-                                                                      "tokenizer.model", "vq"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["README.md", "config.json",
+                                                                      "model.safetensors", "tokenizer.model", "vq"]
     loaded = OPTModel.from_pretrained(tmp_path / "model")
     with torch.no_grad():
         a = model.fuse(model.encode_unimodal(batch))

@@ -1,4 +1,5 @@
-"""Audio front end: decode, check, down-mix, resample, log-mel, clip or pad.
+"""Audio front end: decode, check, down-mix, resample, clip, then log-mel features or the
+normalised waveform (``audio.input``), and pad.
 
 Decoding uses ``soundfile`` (wav, flac, ogg/vorbis); ``torchaudio.load`` needs
 torchcodec, which this project does not depend on. Features are log10 mel
@@ -6,7 +7,10 @@ energies, floored 8 decades below the utterance's maximum and scaled to about
 [-1, 1] (the Whisper recipe), frames of ``hop_length`` samples; with
 ``mean_normalize`` each mel band's mean over the utterance is then subtracted
 (cepstral mean normalisation: it removes the voice's and channel's spectral
-envelope, and audio-text alignment learned about twice as fast with it).
+envelope, and audio-text alignment learned about twice as fast with it). With
+``audio.input=waveform`` the encoder reads the mono samples themselves, with
+``normalize_waveform`` at zero mean and unit variance per utterance, as
+transformers' ``Wav2Vec2FeatureExtractor`` prepares them for wav2vec 2.0 and HuBERT.
 
 Checks made while decoding, each an :class:`AudioDecodeError` whose ``reason``
 is the skip counter name:
@@ -47,7 +51,7 @@ import torch
 import torchaudio
 import torchaudio.functional as AF
 
-from opt.config import AudioConfig
+from opt.config import AudioConfig, AudioInput
 
 MIN_RATE, MAX_RATE = 4_000, 192_000  # Hz; audio at other rates is refused
 MAX_RATIO_TERM = 1280  # largest numerator / denominator of the resampling ratio (see the module docstring)
@@ -163,8 +167,15 @@ class Waveform:
     repairs: list[str] = field(default_factory=list)  # what was fixed: downmixed, resampled, clipped
 
 
+def normalize_waveform(samples: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` samples at zero mean and unit variance (transformers' ``zero_mean_unit_var_norm``:
+    population variance, 1e-7 added under the square root, so silence stays zero)."""
+    return (samples - samples.mean()) / torch.sqrt(samples.var(correction=0) + 1e-7)
+
+
 class AudioFrontEnd:
-    """Turns audio bytes into log-mel frames ``(frames, n_mels)``, at most ``max_frames``."""
+    """Turns audio bytes into what the audio encoder reads: log-mel frames ``(frames, n_mels)``,
+    at most ``max_frames``, or the waveform ``(n,)``, at most ``max_samples``."""
 
     def __init__(self, config: AudioConfig) -> None:
         self.config = config
@@ -193,6 +204,13 @@ class AudioFrontEnd:
             samples = samples[: self.max_samples]
         return Waveform(samples, repairs)
 
+    def encoder_input(self, samples: torch.Tensor) -> torch.Tensor:
+        """What the audio encoder reads (``audio.input``): log-mel features ``(frames, n_mels)``
+        or the waveform ``(n,)``, normalised when ``normalize_waveform``."""
+        if self.config.input == AudioInput.logmel:
+            return self.features(samples)
+        return normalize_waveform(samples) if self.config.normalize_waveform else samples
+
     @torch.no_grad()
     def features(self, samples: torch.Tensor) -> torch.Tensor:
         """Log-mel features ``(frames, n_mels)`` of a mono waveform."""
@@ -208,11 +226,23 @@ class AudioFrontEnd:
 def pad_frames(features: list[torch.Tensor | None], n_mels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack variable-length ``(frames, n_mels)`` tensors into ``(b, t, n_mels)``
     plus a ``(b, t)`` mask that is True on real frames (``None`` gives all padding)."""
-    longest = max((f.shape[0] for f in features if f is not None), default=1)
-    batch = torch.zeros(len(features), longest, n_mels)
-    mask = torch.zeros(len(features), longest, dtype=torch.bool)
-    for row, f in enumerate(features):
-        if f is not None:
-            batch[row, : f.shape[0]] = f
-            mask[row, : f.shape[0]] = True
+    return _pad(features, (n_mels,))
+
+
+def pad_waveforms(waveforms: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length ``(n,)`` waveforms into ``(b, n)`` zero-padded samples plus a
+    ``(b, n)`` mask that is True on real samples (``None`` gives all padding)."""
+    return _pad(waveforms, ())
+
+
+def _pad(items: list[torch.Tensor | None], tail: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``(length, *tail)`` tensors along their first axis into ``(b, longest, *tail)``
+    and a ``(b, longest)`` mask of their real positions (at least one position long)."""
+    longest = max((item.shape[0] for item in items if item is not None), default=1)
+    batch = torch.zeros(len(items), longest, *tail)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for row, item in enumerate(items):
+        if item is not None:
+            batch[row, : item.shape[0]] = item
+            mask[row, : item.shape[0]] = True
     return batch, mask

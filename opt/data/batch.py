@@ -8,6 +8,9 @@ A batch is a dict keyed by modality::
      "image": {"pixels": (b, 3, H, W) float in [0, 1], "present": (b,) bool},
      "audio": {"features": (b, f, n_mels) float, "mask": (b, f) bool, "present": (b,) bool}}
 
+With ``audio.input=waveform`` the audio entry holds zero-padded samples at ``audio.sample_rate``
+instead: ``{"waveform": (b, n) float, "mask": (b, n) bool, "present": (b,) bool}``.
+
 Masks are True on real positions. A disabled modality has no entry; an absent
 one in a sample has ``present`` False and all-padding rows. Training,
 evaluation and prompts (``opt generate``) all build their batches here.
@@ -19,17 +22,25 @@ from typing import Any
 
 import torch
 
-from opt.data.audio import pad_frames
+from opt.config import AudioInput
+from opt.data.audio import pad_frames, pad_waveforms
 from opt.data.samples import DecodedSample
 
 
 class Collator:
-    """Stacks :class:`DecodedSample` lists into the batch dict described above."""
+    """Stacks :class:`DecodedSample` lists into the batch dict described above.
 
-    def __init__(self, modalities: list[str], pad_id: int, n_mels: int) -> None:
+    ``audio_input`` says whether the samples' audio is log-mel features or the waveform; left
+    None, the samples' audio says it by its rank (``(frames, n_mels)`` or ``(n,)``), and a batch
+    without any audio gets the log-mel layout.
+    """
+
+    def __init__(self, modalities: list[str], pad_id: int, n_mels: int, *,
+                 audio_input: AudioInput | None = None) -> None:
         self.modalities = modalities
         self.pad_id = pad_id
         self.n_mels = n_mels
+        self.audio_input = audio_input
 
     def __call__(self, samples: list[DecodedSample]) -> dict:
         batch: dict = {
@@ -53,10 +64,21 @@ class Collator:
             pixels = torch.stack([s.image if s.image is not None else torch.zeros(shape) for s in samples])
             batch["image"] = {"pixels": pixels, "present": torch.tensor([s.image is not None for s in samples])}
         if "audio" in self.modalities:
-            features, mask = pad_frames([s.audio for s in samples], self.n_mels)
-            batch["audio"] = {"features": features, "mask": mask,
-                              "present": torch.tensor([s.audio is not None for s in samples])}
+            batch["audio"] = self._audio([s.audio for s in samples])
         return batch
+
+    def _audio(self, clips: list[torch.Tensor | None]) -> dict:
+        present = torch.tensor([clip is not None for clip in clips])
+        if self._reads_waveform(clips):
+            waveform, mask = pad_waveforms(clips)
+            return {"waveform": waveform, "mask": mask, "present": present}
+        features, mask = pad_frames(clips, self.n_mels)
+        return {"features": features, "mask": mask, "present": present}
+
+    def _reads_waveform(self, clips: list[torch.Tensor | None]) -> bool:
+        if self.audio_input is not None:
+            return self.audio_input == AudioInput.waveform
+        return any(clip is not None and clip.ndim == 1 for clip in clips)
 
 
 def to_device(value: Any, device: torch.device) -> Any:

@@ -213,7 +213,7 @@ def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, token
     if "text" in data.modalities and tokenizer is None:
         raise ValueError("a tokenizer is needed when the text modality is enabled")
     decoder = SampleDecoder(data, audio, tokenizer)
-    collate = Collator(data.modalities, tokenizer.pad_id if tokenizer else 0, audio.n_mels)
+    collate = Collator(data.modalities, tokenizer.pad_id if tokenizer else 0, audio.n_mels, audio_input=audio.input)
     strict = data.strict
     if train:
         stages = [wds.ResampledShards(shards, seed=seed, deterministic=True)]

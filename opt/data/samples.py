@@ -31,6 +31,10 @@ unreadable ``.json`` metadata          repaired: metadata dropped (``meta_unread
 no enabled modality left               skipped: ``no_modality``
 =====================================  ==========================================
 
+Kept audio becomes what the audio encoder reads (``audio.input``): log-mel
+features, or the mono waveform at ``audio.sample_rate``, normalised per utterance when
+``audio.normalize_waveform``.
+
 Images are always decoded in full: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES``
 (which pads a cut-short image with grey instead of failing) is switched back
 off, with a warning, if another library turned it on. Two damaged images still
@@ -52,7 +56,7 @@ from PIL import Image, ImageFile
 
 from opt.config import AudioConfig, DataConfig
 from opt.data.audio import AudioDecodeError, AudioFrontEnd
-from opt.text.tokenizer import TextTokenizer
+from opt.text.tokenizer import Tokenizer
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg")
@@ -76,7 +80,7 @@ class DecodedSample:
     caption: str | None = None  # the (possibly truncated) caption text
     text: list[int] | None = None  # token ids, bos ... eos
     image: torch.Tensor | None = None  # (3, H, W) float in [0, 1]
-    audio: torch.Tensor | None = None  # (frames, n_mels) log-mel
+    audio: torch.Tensor | None = None  # (frames, n_mels) log-mel, or the (n,) waveform (audio.input)
     meta: dict = field(default_factory=dict)
     repairs: list[str] = field(default_factory=list)
 
@@ -142,7 +146,7 @@ def load_image(payload: bytes, size: int, max_pixels: int) -> tuple[torch.Tensor
 class SampleDecoder:
     """Callable that turns a raw sample into a :class:`DecodedSample` or raises :class:`SkipSample`."""
 
-    def __init__(self, data: DataConfig, audio: AudioConfig, tokenizer: TextTokenizer | None) -> None:
+    def __init__(self, data: DataConfig, audio: AudioConfig, tokenizer: Tokenizer | None) -> None:
         self.data = data
         self.tokenizer = tokenizer
         self.front_end = AudioFrontEnd(audio) if "audio" in data.modalities else None
@@ -199,5 +203,5 @@ class SampleDecoder:
             raise SkipSample("audio_too_short")
         if not torch.isfinite(wave.samples).all():
             raise SkipSample("audio_corrupt")
-        sample.audio = self.front_end.features(wave.samples)
+        sample.audio = self.front_end.encoder_input(wave.samples)
         sample.repairs.extend(wave.repairs)

@@ -114,7 +114,8 @@ def decode_inputs(loaded: LoadedModel, inputs: Inputs, modalities: Sequence[str]
 def collate(loaded: LoadedModel, samples: Iterable[DecodedSample], modalities: Sequence[str], *,
             batch_size: int = 64) -> Iterator[dict]:
     """Batches of at most ``batch_size`` decoded samples on the model's device, in order."""
-    collator = Collator(list(modalities), loaded.tokenizer.pad_id, loaded.model.spec.audio.n_mels)
+    collator = Collator(list(modalities), loaded.tokenizer.pad_id, loaded.model.spec.audio.n_mels,
+                        audio_input=loaded.model.spec.audio.input)
     samples = iter(samples)
     while chunk := list(islice(samples, batch_size)):
         yield to_device(collator(chunk), loaded.device)

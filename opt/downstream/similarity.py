@@ -39,7 +39,7 @@ class TowerSimilarity:
         self.model = model.to(self.device).eval()
         data = DataConfig(modalities=list(pair), image_size=spec.image_size, max_text_tokens=spec.max_text_tokens)
         self.decoder = SampleDecoder(data, spec.audio, tokenizer)
-        self.collate = Collator(list(pair), tokenizer.pad_id, spec.audio.n_mels)
+        self.collate = Collator(list(pair), tokenizer.pad_id, spec.audio.n_mels, audio_input=spec.audio.input)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, pair: tuple[str, str] = ("image", "text"),

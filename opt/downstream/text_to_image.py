@@ -56,7 +56,7 @@ def prompt_batch(loaded: LoadedModel, prompts: list[str], audio: list[bytes] | N
             samples.append(decode(raw))
         except SkipSample as skip:
             raise UserError(f"prompt {row + 1} cannot be read: {skip.reason}") from None
-    batch = Collator(modalities, loaded.tokenizer.pad_id, spec.audio.n_mels)(samples)
+    batch = Collator(modalities, loaded.tokenizer.pad_id, spec.audio.n_mels, audio_input=spec.audio.input)(samples)
     return to_device(batch, loaded.device)
 
 

@@ -189,12 +189,20 @@ class DeepSpeedBackend:
 
 
 def fp32_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint of any ZeRO stage (ZeRO partitions are merged)."""
+    """Full fp32 weights of a checkpoint of any ZeRO stage (ZeRO partitions are merged).
+
+    Frozen parameters (``train.freeze``) are in no optimizer shard. DeepSpeed keeps its own
+    copy of them under ZeRO-2 and 3 only; under ZeRO-1 they come from the module's states,
+    which stages 0-2 save whole (frozen parameters never change, so that copy is exact)."""
     state = Path(directory) / TAG
+    files = sorted(state.glob("mp_rank_*_model_states.pt"))  # ZeRO-3 names its files zero_pp_rank_*
     with weights_only_loads():
         if any(state.glob("*optim_states.pt")):  # ZeRO 1-3: the fp32 master weights live in the optimizer shards
-            return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
-        files = sorted(state.glob("mp_rank_*_model_states.pt"))
+            merged = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+            if not files:
+                return merged
+            module = torch.load(files[0], map_location="cpu")["module"]
+            return {name: merged.get(name, tensor).float() for name, tensor in module.items()} | merged
         if not files:
             raise FileNotFoundError(f"no DeepSpeed model states in {state}")
         module = torch.load(files[0], map_location="cpu")["module"]

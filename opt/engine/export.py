@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from opt.config import load_config
 from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import fp32_state_dict
+from opt.engine.model_setup import SPEC_NAME
 from opt.errors import UserError
 from opt.logs import warn
 from opt.model.card import TrainingFacts
@@ -28,6 +30,18 @@ def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, torch.Tens
     raise UserError(f"no readable checkpoint among {', '.join(str(c) for c in candidates)}")
 
 
+def run_spec(run: Path, config, tokenizer) -> ModelSpec:
+    """The model spec of a run: ``model_spec.json`` as the trainer resolved it (pretrained backbones'
+    configs included, so nothing is read from where they came from), else (older runs) the config's."""
+    path = run / SPEC_NAME
+    if not path.is_file():
+        return ModelSpec.from_config(config, tokenizer)
+    try:
+        return ModelSpec.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not a model spec this version of opt reads ({error})") from None
+
+
 def export_run(run: str | Path, out: str | Path, *, checkpoint: str | Path | None = None) -> Path:
     """Write ``out`` as a model directory (``from_pretrained`` loads it) from ``run``."""
     run = Path(run)
@@ -38,7 +52,7 @@ def export_run(run: str | Path, out: str | Path, *, checkpoint: str | Path | Non
         raise UserError(f"no checkpoint in {run}/checkpoints")
     config = load_config(run / "config.yaml")
     tokenizer = load_tokenizer(tokenizer_in(run))
-    model = OPTModel(ModelSpec.from_config(config, tokenizer))
+    model = OPTModel(run_spec(run, config, tokenizer))
     directory, state = _newest_readable(candidates)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"text_decoder.head.weight"}  # tied to text_decoder.embed.weight

@@ -1,11 +1,19 @@
-"""Pretraining loop: ``opt train --config FILE [overrides]``.
+"""Training loop, for pretraining and fine-tuning: ``opt train --config FILE [overrides]``.
 
 One code path for every scale: the model and task mixture are wrapped by
 DeepSpeed (ZeRO 0-3, fp32 / bf16 / fp16), on one CPU process (gloo) or many
 GPUs under the ``deepspeed`` or ``torchrun`` launchers.
 
-The run directory holds ``config.yaml`` (resolved), ``tokenizer.model``,
-``vq/`` (the frozen image tokenizer), ``metrics.jsonl``, ``tensorboard/`` and
+Fine-tuning is the same loop started from a model directory (``train.init_from``):
+its weights, tokenizer and VQ tokenizer, and its model section, audio settings and
+image and caption sizes replace the config's (``model.dropout`` alone stays the
+config's: a training setting), with a fresh optimizer and schedule from step 0.
+``train.freeze`` keeps the parameters whose names match its glob patterns fixed:
+they get no gradient and are left out of the optimizer (so hold no Adam state).
+
+The run directory holds ``config.yaml`` (resolved), the tokenizer (``tokenizer.model`` or
+``tokenizer/``), ``model_spec.json`` (what rebuilds the model, pretrained backbones' configs
+included), ``vq/`` (the frozen image tokenizer), ``metrics.jsonl``, ``tensorboard/`` and
 ``checkpoints/step-*``. A checkpoint holds everything for an exact resume:
 model, optimizer, scheduler and loss scale (DeepSpeed's part), plus the task
 mixture (momentum encoders, queues, its random generator), the RNG states and
@@ -35,10 +43,11 @@ from opt.engine.schedule import warmup_decay
 from opt.errors import UserError
 from opt.files import write_atomic
 from opt.logs import info, warn
-from opt.model.opt_model import ModelSpec, OPTModel
+from opt.model.opt_model import OPTModel
 from opt.model.vq import save_vq
+from opt.engine.model_setup import SPEC_NAME, build_model, freeze_parameters
 from opt.tasks.mixture import TaskMixture
-from opt.text.tokenizer import load_tokenizer, save_tokenizer
+from opt.text.tokenizer import save_tokenizer
 
 
 class TrainingStopped(UserError):
@@ -54,7 +63,8 @@ class TrainingInterrupted(UserError):
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on norms, biases, embeddings' scales and scalars."""
+    """AdamW groups: weight decay on matrices, none on norms, biases, embeddings' scales and scalars.
+    Frozen parameters (``requires_grad=False``) are in neither, so they hold no optimizer state."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -108,16 +118,17 @@ class MetricWindow:
 
 class Trainer:
     def __init__(self, config: Config, run: str | Path, *, resume: str = "auto", progress: bool = True) -> None:
-        self.config = config
+        """``resume``: "auto" (the run's newest valid checkpoint, if any), "none" or a checkpoint
+        directory. A resumed fine-tuning run continues from its own checkpoint, whose weights
+        replace those of ``train.init_from``."""
         self.run = Path(run)
         self.progress = progress
         self.device = init_distributed()
         self.lock = self._lock_run_directory()
         torch.manual_seed(config.train.seed)
-        self.tokenizer = load_tokenizer(config.tokenizer.path)
-        model = OPTModel(ModelSpec.from_config(config, self.tokenizer))
-        if config.train.vq_path:
-            model.load_vq(config.train.vq_path)
+        config, self.tokenizer, model = build_model(config, self.run)
+        self.config = config
+        freeze_parameters(model, config.train.freeze)
         self.mixture = TaskMixture(config, model)
         optimizer, scheduler = build_optimizer(model, config)
         self.backend = DeepSpeedBackend(model, optimizer, scheduler, config)
@@ -156,6 +167,7 @@ class Trainer:
         self.run.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.run / "config.yaml")
         save_tokenizer(self.tokenizer, self.run)
+        write_atomic(self.run / SPEC_NAME, json.dumps(self.model.spec.to_dict(), indent=2).encode())
         if not (self.run / "vq").is_dir():
             save_vq(self.model.vq, self.run / "vq")
 

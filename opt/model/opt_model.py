@@ -179,8 +179,10 @@ class OPTModel(nn.Module):
         self.image_decoder.reset_positions()
         # the audio positions start small like BERT's (an N(0, 1) start is ~35x the front end's
         # frames and drowns them: audio-text alignment learned several times slower)
-        for part in (self.encoders["audio"].transformer, self.encoders["audio"].positions):
-            part.apply(init_weights)
+        audio = self.encoders["audio"]
+        if audio.backbone is None:  # a pretrained backbone keeps its own
+            for part in (audio.transformer, audio.positions):
+                part.apply(init_weights)
         # The VQ tokenizer is trained separately (opt vq train) and frozen here. It is a plain
         # attribute, not a submodule: optimizers, mixed-precision casts and ZeRO partitioning
         # never see it, so it stays whole and in fp32. It follows the inputs' device.

@@ -47,7 +47,7 @@ def dummy_batch(model: OPTModel, batch_size: int, *, seed: int = 0) -> dict:
     frames = int(spec.audio.max_seconds * spec.audio.sample_rate) // spec.audio.hop_length + 1
     present = torch.ones(batch_size, dtype=torch.bool)
     audio = {"mask": torch.ones(batch_size, frames, dtype=torch.bool), "present": present}
-    if spec.model.audio.front == "wav2vec2_conv":
+    if spec.audio.input == "waveform":
         samples = int(spec.audio.max_seconds * spec.audio.sample_rate)
         audio |= {"waveform": torch.randn(batch_size, samples, generator=generator) * 0.1,
                   "mask": torch.ones(batch_size, samples, dtype=torch.bool)}

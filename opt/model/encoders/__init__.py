@@ -4,11 +4,12 @@
 - ``mask`` (b, n): True on real tokens,
 - ``pooled`` (b, d_encoder): one vector per sample, for the two-tower heads.
 
-Vision: a timm ``VisionTransformer`` built from config (never downloaded;
-optional local weights). Text: a transformers ``BertModel`` built from a
-``BertConfig`` (or a local ``from_pretrained`` directory). Audio: a
-convolutional front end (log-mel + strided convs, or torchaudio's wav2vec 2.0
-feature extractor on raw waveforms) followed by transformer blocks.
+Vision (:mod:`.vision`): a timm ``VisionTransformer`` built from config, optionally from a local
+timm state dict (resampled to the grid, every tensor reported). Text (:mod:`.text`): a
+transformers ``BertModel`` built from a ``BertConfig`` or a local pretrained directory. Audio
+(:mod:`.audio`): a convolutional front end (log-mel + strided convs, or torchaudio's wav2vec 2.0
+feature extractor on the waveform) followed by transformer blocks, or a local pretrained
+wav2vec 2.0 / HuBERT in their place. Nothing is ever downloaded.
 
 Each encoder also accepts a mask of positions to hide behind a learned
 ``[MASK]`` embedding (image patches, audio frames) for the token-level tasks;

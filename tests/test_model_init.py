@@ -1,0 +1,77 @@
+"""``opt model init`` with all three pretrained parts at once, built offline with the libraries' own
+save functions: a timm ViT at another image and patch size, a BERT directory with its WordPiece
+tokenizer, and a wav2vec 2.0 directory. The written model directory holds each part tensor by
+tensor, and loads on its own once the sources are gone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from transformers import BertModel, Wav2Vec2Model
+
+from opt.cli import main
+from opt.downstream.common import load_model
+from opt.model.opt_model import OPTModel
+from tests.test_model import SMALL
+from tests.test_pretrained_audio import backbone_dirs  # noqa: F401 (fixture)
+from tests.test_pretrained_text import bert_dir  # noqa: F401 (fixture)
+from tests.test_pretrained_vision import HEADS, LAYERS, WIDTH, checkpoint  # noqa: F401 (fixtures)
+
+
+def test_model_init_loads_a_vit_a_bert_and_a_wav2vec2_tensor_by_tensor(checkpoint, bert_dir, backbone_dirs,
+                                                                         tmp_path, capsys):
+    timm_model, vit_path = checkpoint  # 32 px in 4-px patches (8 x 8), class token, 10-class head
+    sources = tmp_path / "sources"
+    shutil.copytree(bert_dir, sources / "bert")
+    shutil.copytree(backbone_dirs["wav2vec2"], sources / "wav2vec2")
+    shutil.copy(vit_path, sources / "vit.safetensors")
+    out = tmp_path / "model"
+    argv = ["model", "init", "--config", "configs/tiny.yaml", "--out", str(out), *SMALL,
+            "model.vision.stem=patch", "model.vision.coord_channels=false", "model.vision.patch_size=16",
+            f"model.vision.width={WIDTH}", f"model.vision.layers={LAYERS}", f"model.vision.heads={HEADS}",
+            f"model.vision.pretrained_path={sources / 'vit.safetensors'}",
+            f"tokenizer.path={sources / 'bert'}", f"model.text.pretrained_dir={sources / 'bert'}",
+            "audio.input=waveform", f"model.audio.pretrained_dir={sources / 'wav2vec2'}"]
+    assert main(argv) == 0
+    assert f"-> {out}" in capsys.readouterr().out
+    saved = load_file(out / "model.safetensors")
+    shutil.rmtree(sources)  # the directory must not need them any more
+
+    vit = timm_model.state_dict()  # 64 px in 16-px patches: a 4 x 4 grid, both embeddings resampled
+    assert torch.equal(saved["encoders.image.vit.pos_embed"],
+                       resample_abs_pos_embed(vit["pos_embed"], new_size=[4, 4], num_prefix_tokens=1))
+    assert torch.equal(saved["encoders.image.vit.patch_embed.proj.weight"],
+                       resample_patch_embed(vit["patch_embed.proj.weight"], [16, 16]))
+    same = [name for name in vit if not name.startswith(("head.", "pos_embed", "patch_embed.proj.weight"))]
+    assert len(same) == len(vit) - 4
+    for name in same:
+        assert torch.equal(saved[f"encoders.image.vit.{name}"], vit[name]), name
+
+    bert = BertModel.from_pretrained(bert_dir, local_files_only=True).state_dict()
+    for name, tensor in bert.items():
+        if not name.startswith("pooler."):
+            assert torch.equal(saved[f"encoders.text.bert.{name}"], tensor), name
+    wav2vec2 = Wav2Vec2Model.from_pretrained(backbone_dirs["wav2vec2"], local_files_only=True).state_dict()
+    audio = {name.removeprefix("encoders.audio."): t for name, t in saved.items() if name.startswith("encoders.audio.")}
+    backbone = {name.split(".", 1)[1]: t for name, t in audio.items() if name.split(".", 1)[1] in wav2vec2}
+    assert len(backbone) == len(wav2vec2)
+    for name, tensor in wav2vec2.items():
+        assert torch.equal(backbone[name], tensor), name
+
+    config = json.loads((out / "config.json").read_text())
+    spec = config["spec"]
+    assert config["model_type"] == "opt" and spec["model"]["vision"]["class_token"] is True
+    assert spec["model"]["vision"]["pretrained_path"] is None and spec["model"]["text"]["pretrained_dir"] is None
+    assert set(spec["backbones"]) == {"image", "text", "audio"} and spec["model"]["text"]["width"] == 32
+    assert (out / "tokenizer" / "tokenizer.json").is_file() or (out / "tokenizer" / "vocab.txt").is_file()
+    card = (out / "README.md").read_text()
+    assert "Not trained" in card and "## Pretrained parts" in card and "vit.safetensors" in card
+
+    loaded = load_model(out)  # rebuilds every part from config.json alone
+    assert isinstance(loaded.model, OPTModel) and loaded.tokenizer.bos_id == loaded.tokenizer.cls_id
+    reloaded = loaded.model.state_dict()
+    assert all(torch.equal(reloaded[name], tensor) for name, tensor in saved.items())
