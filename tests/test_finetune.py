@@ -16,7 +16,8 @@ from opt.config import load_config
 from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import fp32_state_dict
 from opt.engine.export import export_run
-from opt.engine.trainer import Trainer, build_model, freeze_parameters
+from opt.engine.model_setup import build_model, freeze_parameters
+from opt.engine.trainer import Trainer
 from opt.errors import UserError
 from opt.model.opt_model import OPTModel
 

@@ -65,7 +65,8 @@ def test_model_init_loads_a_vit_a_bert_and_a_wav2vec2_tensor_by_tensor(checkpoin
     config = json.loads((out / "config.json").read_text())
     spec = config["spec"]
     assert config["model_type"] == "opt" and spec["model"]["vision"]["class_token"] is True
-    assert spec["model"]["vision"]["pretrained_path"] is None and spec["model"]["text"]["pretrained_dir"] is None
+    assert spec["model"]["vision"]["pretrained_path"] is None  # the ViT is read once; its source is recorded
+    assert spec["model"]["text"]["pretrained_dir"] == spec["backbones"]["text"]["source"] == str(sources / "bert")
     assert set(spec["backbones"]) == {"image", "text", "audio"} and spec["model"]["text"]["width"] == 32
     assert (out / "tokenizer" / "tokenizer.json").is_file() or (out / "tokenizer" / "vocab.txt").is_file()
     card = (out / "README.md").read_text()
@@ -75,3 +76,31 @@ def test_model_init_loads_a_vit_a_bert_and_a_wav2vec2_tensor_by_tensor(checkpoin
     assert isinstance(loaded.model, OPTModel) and loaded.tokenizer.bos_id == loaded.tokenizer.cls_id
     reloaded = loaded.model.state_dict()
     assert all(torch.equal(reloaded[name], tensor) for name, tensor in saved.items())
+
+
+def test_runs_with_pretrained_backbones_export_without_their_sources(bert_dir, backbone_dirs, world,
+                                                                     small_training_overrides, tmp_path):
+    """A pretraining run from the backbones' directories, then a fine-tune of its export: each run
+    records its model spec, so ``opt export`` rebuilds BERT and wav2vec 2.0 once the sources are gone."""
+    sources = tmp_path / "sources"
+    shutil.copytree(bert_dir, sources / "bert")
+    shutil.copytree(backbone_dirs["wav2vec2"], sources / "wav2vec2")
+    common = [o for o in small_training_overrides if not o.startswith("tokenizer.path=")] + [
+        "train.steps=2", "train.warmup_steps=1", "train.checkpoint_every=2", "data.max_text_tokens=24"]
+    pretraining = common + [f"tokenizer.path={sources / 'bert'}", f"model.text.pretrained_dir={sources / 'bert'}",
+                            "audio.input=waveform", f"model.audio.pretrained_dir={sources / 'wav2vec2'}"]
+    assert main(["train", "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "pretrain"), *pretraining]) == 0
+    shutil.rmtree(sources)
+    assert main(["export", str(tmp_path / "pretrain"), "--out", str(tmp_path / "pretrained")]) == 0
+    finetune = common + [f"train.init_from={tmp_path / 'pretrained'}", "tasks.queue_size=8",
+                         "train.freeze=[text_decoder.*]"]
+    assert main(["train", "--config", "configs/finetune/retrieval.yaml", "--run-dir", str(tmp_path / "finetune"),
+                 *finetune]) == 0
+    assert main(["export", str(tmp_path / "finetune"), "--out", str(tmp_path / "finetuned")]) == 0
+    model = OPTModel.from_pretrained(tmp_path / "finetuned")
+    assert model.spec.backbones["text"]["config"]["hidden_size"] == 32
+    assert model.spec.backbones["audio"]["config"]["model_type"] == "wav2vec2"
+    before = load_file(tmp_path / "pretrained" / "model.safetensors")
+    after = model.state_dict()
+    assert not torch.equal(after["towers.text.weight"], before["towers.text.weight"])  # retrieval trained it
+    assert torch.equal(after["text_decoder.embed.weight"], before["text_decoder.embed.weight"])  # frozen

@@ -112,7 +112,7 @@ def test_pretrained_backbone_loads_tensor_by_tensor_and_encodes_as_transformers_
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     report = encoder.load_report
     assert sorted(report.loaded) == sorted(expected) and not report.fresh and not report.unused
-    assert model.spec.model.audio.pretrained_dir is None
+    assert model.spec.model.audio.pretrained_dir == model.spec.backbones["audio"]["source"]  # a record only
     assert model.spec.backbones["audio"]["config"]["model_type"] == name
     assert model.spec.backbones["audio"]["source"] == str(backbone_dirs[name])
     assert model.spec.model.audio.width == encoder.width == 32 and encoder.frame_width == 32

@@ -122,7 +122,7 @@ def test_pretrained_bert_loads_tensor_by_tensor_and_reports_the_pooler_unused(be
     assert sorted(report.loaded) == sorted(bert_state) and report.fresh == []
     assert report.unused == ["pooler.dense.bias", "pooler.dense.weight"]
     assert model.spec.model.text.width == 32 and model.spec.model.text.layers == 2
-    assert model.spec.model.text.pretrained_dir is None
+    assert model.spec.model.text.pretrained_dir == model.spec.backbones["text"]["source"]  # a record only
     assert model.spec.backbones["text"]["source"] == str(bert_dir)
     assert model.spec.backbones["text"]["config"]["vocab_size"] == len(VOCABULARY)
     # the pooled vector is the BERT's own [CLS] state

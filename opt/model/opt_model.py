@@ -117,9 +117,11 @@ def _audio_input(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resolved_spec(spec: ModelSpec, encoders: nn.ModuleDict) -> ModelSpec:
-    """``spec`` as the built encoders are: the pretrained sources read once and replaced by what
-    rebuilding needs (the backbones' configs, the ViT's class token, the backbones' sizes), so a
-    saved model loads from its own weights on any machine. The sources stay in ``backbones``."""
+    """``spec`` as the built encoders are: what rebuilding needs beside the pretrained sources read
+    once (the text and audio backbones' configs in ``backbones``, which the encoders prefer to their
+    ``pretrained_dir``; the ViT's class token; the backbones' sizes), so a saved model loads from its
+    own weights on any machine. ``pretrained_dir`` stays as a record (the audio input rules read it);
+    the ViT's ``pretrained_path`` is cleared, its source kept in ``backbones["image"]``."""
     model = spec.model
     backbones = dict(spec.backbones)
     for name, encoder in (("text", encoders["text"]), ("audio", encoders["audio"])):
@@ -129,8 +131,8 @@ def resolved_spec(spec: ModelSpec, encoders: nn.ModuleDict) -> ModelSpec:
     vision = dataclasses.replace(model.vision, pretrained_path=None, class_token=encoders["image"].class_token)
     if model.vision.pretrained_path:
         backbones["image"] = {"source": model.vision.pretrained_path}
-    text = dataclasses.replace(model.text, pretrained_dir=None, **encoders["text"].sizes)
-    audio = dataclasses.replace(model.audio, pretrained_dir=None, **encoders["audio"].sizes)
+    text = dataclasses.replace(model.text, **encoders["text"].sizes)
+    audio = dataclasses.replace(model.audio, **encoders["audio"].sizes)
     model = dataclasses.replace(model, vision=vision, text=text, audio=audio)
     return dataclasses.replace(spec, model=model, backbones=backbones)
 

@@ -8,7 +8,8 @@ Three ways to build it:
   without the pooler; its vocabulary must be the tokenizer's (``tokenizer.path`` = the same
   directory). It keeps its own config, dropout included (BERT's 0.1), not ``model.dropout``;
 - from ``backbone`` (``{"source": dir, "config": {...}}``, what a saved model's spec records):
-  the same BERT rebuilt from its config alone, without reading any weights.
+  the same BERT rebuilt from its config alone, without reading any weights; it takes precedence
+  over ``pretrained_dir``, which a saved model keeps only as a record of the source.
 
 Its width, layers and heads (``sizes``) are the BERT's in every case.
 """
@@ -69,13 +70,13 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.backbone_config = None  # the BERT config, when the encoder came from (or is) a pretrained one
         self.load_report = None  # a LoadReport when pretrained weights were read
-        if config.pretrained_dir:
+        if backbone is not None:  # a saved model: rebuild, never read the source again
+            bert_config = BertConfig.from_dict(backbone["config"], attn_implementation="sdpa")
+            self.bert = BertModel(bert_config, add_pooling_layer=False)
+        elif config.pretrained_dir:
             self.bert, self.load_report = _pretrained_bert(config.pretrained_dir, vocab_size=vocab_size,
                                                            max_positions=max_positions)
             logs.info(self.load_report.summary())
-        elif backbone is not None:
-            bert_config = BertConfig.from_dict(backbone["config"], attn_implementation="sdpa")
-            self.bert = BertModel(bert_config, add_pooling_layer=False)
         else:
             bert_config = BertConfig(
                 vocab_size=vocab_size, hidden_size=config.width, num_hidden_layers=config.layers,
