@@ -8,7 +8,7 @@ from opt.cli.common import add_config_arguments, config_from_args, output_file, 
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    train = commands.add_parser("train", help="pretrain with the configured pretext tasks (DeepSpeed ZeRO)")
+    train = commands.add_parser("train", help="pretrain, or fine-tune from a model directory (train.init_from), with the configured pretext tasks (DeepSpeed ZeRO)")
     add_config_arguments(train)
     train.add_argument("--run-dir", default="runs/train",
                        help="run directory: config, checkpoints, metrics, TensorBoard logs (default runs/train)")
