@@ -2,10 +2,10 @@
 
     from opt import OPT
 
-    opt = OPT.load("runs/demo/model")
-    opt.caption(images=["cat.png"])                      # ['a small red circle ...']
-    opt.generate("a big blue square", n=2, candidates=4)  # [PIL.Image.Image, PIL.Image.Image]
-    opt.embed(texts=["a red circle"]) @ opt.embed(images=["cat.png"]).T  # cosine (1, 1)
+    model = OPT.load("runs/demo/model")
+    model.caption(images=["cat.png"])                      # ['a small red circle ...']
+    model.generate("a big blue square", n=2, candidates=4)  # [PIL.Image.Image, PIL.Image.Image]
+    model.embed(texts=["a red circle"]) @ model.embed(images=["cat.png"]).T  # cosine (1, 1)
 
 Inputs are decoded exactly as training reads a shard's members
 (:mod:`opt.downstream.files`), so a file, its bytes and the same sample in a
@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -30,7 +31,7 @@ from opt.downstream.index import embed_batch
 from opt.downstream.text_to_image import generate_images, prompt_batch, to_uint8
 from opt.errors import UserError
 from opt.model.opt_model import OPTModel
-from opt.text.tokenizer import TextTokenizer
+from opt.text.tokenizer import Tokenizer
 
 ImageInput = str | Path | bytes | Image.Image  # a path, the file's bytes or a PIL image
 AudioInput = str | Path | bytes  # a path or the file's bytes
@@ -40,8 +41,8 @@ PARAMETERS = {"text": "texts", "image": "images", "audio": "audio"}  # how error
 class OPT:
     """A loaded model with its tokenizer, ready for captioning, generation and embedding.
 
-    >>> opt = OPT.load("runs/demo/model")            # doctest: +SKIP
-    >>> opt.caption(images=["shapes.png"], beam=3)   # doctest: +SKIP
+    >>> model = OPT.load("runs/demo/model")            # doctest: +SKIP
+    >>> model.caption(images=["shapes.png"], beam=3)   # doctest: +SKIP
     ['a large green triangle above a small red circle']
     """
 
@@ -63,7 +64,7 @@ class OPT:
         return self.loaded.model
 
     @property
-    def tokenizer(self) -> TextTokenizer:
+    def tokenizer(self) -> Tokenizer:
         return self.loaded.tokenizer
 
     @property
@@ -75,9 +76,9 @@ class OPT:
         """One caption per image, per clip (speech recognition), or per (image, clip) pair when both
         are given (the same number of each); ``beam`` > 1 searches with that many beams.
 
-        >>> opt.caption(images=["a.png", open("b.jpg", "rb").read()])  # doctest: +SKIP
+        >>> model.caption(images=["a.png", open("b.jpg", "rb").read()])  # doctest: +SKIP
         ['a red circle', 'two blue squares']
-        >>> opt.caption(audio=["speech.wav"])                          # doctest: +SKIP
+        >>> model.caption(audio=["speech.wav"])                          # doctest: +SKIP
         ['a red circle']
         """
         members = {"image": images, "audio": audio}
@@ -98,7 +99,7 @@ class OPT:
         :func:`~opt.downstream.text_to_image.generate_images`'s options (``decoding``, ``steps``,
         ``guidance``, ``temperature``, ``candidates``: best of that many, 32 by default).
 
-        >>> opt.generate(["a red circle", "a blue square"], n=2, candidates=1)  # doctest: +SKIP
+        >>> model.generate(["a red circle", "a blue square"], n=2, candidates=1)  # doctest: +SKIP
         [<PIL.Image.Image image mode=RGB size=64x64>, ...]
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -113,7 +114,7 @@ class OPT:
         """Two-tower embeddings (n, dim), float32 and L2-normalised on the CPU, of one modality's
         inputs (give exactly one of ``texts``, ``images``, ``audio``): cosines are dot products.
 
-        >>> opt.embed(texts=["a red circle"]) @ opt.embed(images=["a.png"]).T  # doctest: +SKIP
+        >>> model.embed(texts=["a red circle"]) @ model.embed(images=["a.png"]).T  # doctest: +SKIP
         tensor([[0.61]])
         """
         given = {m: list(v) for m, v in {"text": texts, "image": images, "audio": audio}.items() if v is not None}
