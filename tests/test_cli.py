@@ -138,3 +138,9 @@ def test_a_crafted_pickle_in_a_model_directory_never_runs(name, model_dir, tmp_p
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (command, err)
         assert f"model/{name}" in err, err  # refused while loading, before the data is looked at
     assert not (tmp_path / "payload-ran").exists()
+
+
+def test_the_deepspeed_launchers_local_rank_before_the_subcommand_is_accepted(capsys):
+    """``deepspeed --module opt train ...`` runs ``opt --local_rank=0 train ...``."""
+    assert main(["--local_rank=0", "config", "show", "--config", "configs/tiny.yaml"]) == 0
+    assert "image_size: 64" in capsys.readouterr().out

@@ -27,6 +27,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="opt", description="OPT: tri-modal (image, text, audio) pre-training.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    # `deepspeed --module opt ...` puts --local_rank=N before the subcommand (the rank is also in LOCAL_RANK)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     commands.required = True
     for module in COMMANDS:

@@ -31,6 +31,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted config overrides, e.g. model.cross.layers=4")
 
 
+def add_device(parser: argparse.ArgumentParser, *, inference: bool = True) -> None:
+    """``--device``, cpu by default as every command's (:mod:`opt.devices`)."""
+    text = "torch device: cpu, cuda, cuda:N or mps (default cpu; one this machine lacks is refused at once)"
+    if inference:
+        text += "; on a CUDA GPU that has bf16 the model runs under bf16 autocast, elsewhere in fp32"
+    parser.add_argument("--device", default="cpu", help=text)
+
+
+def add_batch_size(parser: argparse.ArgumentParser, *, default: int = 64,
+                   what: str = "samples run through the model at once") -> None:
+    """``--batch-size``: how much runs through the model at once (bounds the device's memory)."""
+    parser.add_argument("--batch-size", type=positive_int, default=default, help=f"{what} (default {default})")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 

@@ -1,6 +1,7 @@
 """``opt caption``, ``opt generate``, ``opt retrieve``, ``opt embed`` and ``opt search``: the
 downstream tasks on a model directory (``opt export``), on shards or on files; ``opt eval``
-runs them all on a split (:mod:`opt.cli.eval_cmd`)."""
+runs them all on a split (:mod:`opt.cli.eval_cmd`). Each runs on ``--device`` (default cpu)
+in the precision :func:`~opt.devices.inference_autocast` picks for it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opt import MODALITIES
-from opt.cli.common import DATA_HELP, non_negative_int, output_file, output_folder, positive_int
+from opt.cli.common import (DATA_HELP, add_batch_size, add_device, non_negative_int, output_file, output_folder,
+                            positive_int)
 from opt.errors import UserError
 
 if TYPE_CHECKING:
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     from opt.downstream.captioning import Caption
 
 DEFAULT_CANDIDATES = 32  # text-to-image best-of-N (a literal here so the CLI starts without importing torch)
+GENERATE_BATCH = 256  # images drawn at once (text_to_image.CANDIDATE_ROWS, a literal for the same reason)
 MODEL_HELP = "model directory written by opt export (config.json, model.safetensors, vq/, tokenizer.model)"
 FILES_HELP = ("{} files: files, folders (their {} files, recursive, sorted) or globs; each file's key is "
               "its path as given or found")
@@ -25,7 +28,7 @@ FILES_HELP = ("{} files: files, folders (their {} files, recursive, sorted) or g
 
 def add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=MODEL_HELP)
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device(parser)
 
 
 def add_decoding(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +56,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                          help="output JSON lines, one {key, caption} per sample or file (per group where "
                          "samples share an image or clip)")
     caption.add_argument("--beam", type=positive_int, default=1, help="beam size, 1 = greedy (default 1)")
-    caption.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch (default 64)")
+    add_batch_size(caption)
     caption.add_argument("--limit", type=positive_int, help="read at most this many samples (or files)")
     caption.add_argument("--no-references", dest="references", action="store_false",
                          help="skip the metrics against the shard captions (files have none)")
@@ -68,6 +71,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--out", type=output_folder, required=True,
                           help="output directory for PNGs and grid.png")
     generate.add_argument("--n", type=positive_int, default=1, help="images per prompt (default 1)")
+    add_batch_size(generate, default=GENERATE_BATCH,
+                   what="images drawn at once, each prompt's candidates counted (at least one prompt's)")
     add_decoding(generate)
     generate.set_defaults(handler=run_generate)
 
@@ -84,6 +89,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="re-rank without the text decoder's caption likelihood (captions: "
                           "log P(caption | query); images or speech for a text query: log P(query | candidate))")
     retrieve.add_argument("--out", type=output_file, help="write the metrics to this JSON file")
+    add_batch_size(retrieve, what="samples encoded, and (query, candidate) pairs re-ranked, at once")
     retrieve.set_defaults(handler=run_retrieve)
 
     embed = commands.add_parser("embed", help="two-tower embeddings of shards, files or text lines, saved as an "
@@ -98,7 +104,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                          "text (blank lines are left out)")
     embed.add_argument("--out", type=output_file, required=True,
                        help="index file (safetensors: the (n, dim) embeddings, keys and modality)")
-    embed.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch (default 64)")
+    add_batch_size(embed)
     embed.set_defaults(handler=run_embed)
 
     search = commands.add_parser("search", help="rank the entries of an opt embed index against a text, image "
@@ -130,6 +136,7 @@ def run_caption(args: argparse.Namespace) -> None:
     if args.data is None:
         return _caption_files(args)
     from opt.data.pipeline import DataStats
+    from opt.devices import inference_autocast
     from opt.downstream.captioning import caption_metrics, caption_split, parse_inputs
     from opt.downstream.plugins import PLUGINS
     from opt.files import write_atomic
@@ -137,8 +144,10 @@ def run_caption(args: argparse.Namespace) -> None:
     inputs = args.inputs or "image"
     parse_inputs(inputs)
     read = DataStats()
-    captions = caption_split(load_from_args(args), args.data, inputs, beam=args.beam, limit=args.limit,
-                             batch_size=args.batch_size, stats=read)
+    loaded = load_from_args(args)
+    with inference_autocast(loaded.device):
+        captions = caption_split(loaded, args.data, inputs, beam=args.beam, limit=args.limit,
+                                 batch_size=args.batch_size, stats=read)
     _write_captions(captions, args.out, read)
     if args.references:
         metrics = caption_metrics(captions, inputs, plugins=PLUGINS) | {"data": read.as_dict()}
@@ -148,6 +157,7 @@ def run_caption(args: argparse.Namespace) -> None:
 
 def _caption_files(args: argparse.Namespace) -> None:
     from opt.data.pipeline import DataStats
+    from opt.devices import inference_autocast
     from opt.downstream.captioning import caption_batches
     from opt.downstream.files import expand_paths, file_batches
 
@@ -158,7 +168,9 @@ def _caption_files(args: argparse.Namespace) -> None:
     loaded = load_from_args(args)
     read = DataStats()
     batches = file_batches(loaded, files, modality, batch_size=args.batch_size, stats=read)
-    _write_captions(caption_batches(loaded, batches, modality, beam=args.beam), args.out, read)
+    with inference_autocast(loaded.device):
+        captions = caption_batches(loaded, batches, modality, beam=args.beam)
+    _write_captions(captions, args.out, read)
 
 
 def _write_captions(captions: list[Caption], out: str, read: DataStats) -> None:
@@ -208,6 +220,7 @@ def _read_audio(path: str) -> bytes:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from opt.devices import inference_autocast
     from opt.downstream.text_to_image import generate_images, prompt_batch, save_generations
 
     prompts = _read_prompts(args)
@@ -215,8 +228,9 @@ def run_generate(args: argparse.Namespace) -> None:
     loaded = load_from_args(args)
     repeated = [p for p in prompts for _ in range(args.n)]
     batch = prompt_batch(loaded, repeated, [audio] * len(repeated) if audio is not None else None)
-    images = generate_images(loaded, batch, decoding=args.decoding, steps=args.steps, guidance=args.guidance,
-                             candidates=args.candidates, seed=args.seed)
+    with inference_autocast(loaded.device):
+        images = generate_images(loaded, batch, decoding=args.decoding, steps=args.steps, guidance=args.guidance,
+                                 candidates=args.candidates, seed=args.seed, batch_size=args.batch_size)
     paths = save_generations(images, prompts, args.out, samples=args.n)
     print(f"generate: {len(paths)} images -> {args.out} (grid: {Path(args.out) / 'grid.png'})")
 
@@ -237,6 +251,7 @@ def _directions(args: argparse.Namespace) -> dict[str, tuple[tuple[str, ...], st
 
 def run_retrieve(args: argparse.Namespace) -> None:
     from opt import MODALITIES
+    from opt.devices import inference_autocast
     from opt.downstream.common import describe_counts, encode_split
     from opt.downstream.retrieval import retrieve
     from opt.files import write_atomic
@@ -244,12 +259,14 @@ def run_retrieve(args: argparse.Namespace) -> None:
     directions = _directions(args)
     needed = [m for m in MODALITIES if any(m in (*query, target) for query, target in directions.values())]
     loaded = load_from_args(args)
-    split = encode_split(loaded, args.data, modalities=needed, limit=args.limit)
+    with inference_autocast(loaded.device):
+        split = encode_split(loaded, args.data, modalities=needed, limit=args.limit, batch_size=args.batch_size)
     results: dict = {"data": split.data_stats.as_dict()}
     print(f"data: {describe_counts(results['data'])}")
     for name, (query, target) in directions.items():
-        results[name] = retrieve(loaded, split, query, target, rerank_k=args.rerank_k,
-                                 caption_likelihood=args.caption_likelihood)
+        with inference_autocast(loaded.device):
+            results[name] = retrieve(loaded, split, query, target, rerank_k=args.rerank_k,
+                                     caption_likelihood=args.caption_likelihood, batch_size=args.batch_size)
         _print_metrics(f"{name} (n={results[name]['n']})", results[name])
         seconds = results[name]["seconds"]
         print(f"  two-tower {seconds['two_tower']:.2f} s, re-rank {seconds['rerank']:.2f} s")
@@ -259,6 +276,7 @@ def run_retrieve(args: argparse.Namespace) -> None:
 
 def run_embed(args: argparse.Namespace) -> None:
     from opt.data.pipeline import DataStats
+    from opt.devices import inference_autocast
     from opt.downstream.common import describe_counts, iterate_batches
     from opt.downstream.files import expand_paths, file_batches, input_batches, read_text_lines
     from opt.downstream.index import embed_batches, save_index
@@ -277,7 +295,8 @@ def run_embed(args: argparse.Namespace) -> None:
         batches = file_batches(loaded, files, modality, batch_size=args.batch_size, stats=read)
     else:
         batches = input_batches(loaded, texts, ["text"], batch_size=args.batch_size, stats=read)
-    index = embed_batches(loaded, batches, modality)
+    with inference_autocast(loaded.device):
+        index = embed_batches(loaded, batches, modality)
     save_index(index, args.out)
     print(f"data: {describe_counts(read.as_dict())}")
     print(f"embed: {len(index)} {modality} embeddings ({index.dim}-d) -> {args.out}")
@@ -299,13 +318,16 @@ def _query(args: argparse.Namespace) -> tuple[str, str, bytes]:
 def run_search(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
+    from opt.devices import inference_autocast
     from opt.downstream.index import check_model_fits, embed_query, load_index, search
 
     index = load_index(args.index)
     modality, key, payload = _query(args)
     loaded = load_from_args(args)
     check_model_fits(loaded, index, args.index)
-    hits = search(index, embed_query(loaded, modality, payload, key=key), k=args.k)
+    with inference_autocast(loaded.device):
+        query = embed_query(loaded, modality, payload, key=key)
+    hits = search(index, query, k=args.k)
     if args.json:
         print(json.dumps({"query": {"modality": modality, "key": key}, "index": {"modality": index.modality,
                           "size": len(index)}, "hits": [asdict(hit) for hit in hits]}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from opt.cli.common import non_negative_int, output_folder, positive_int
+from opt.cli.common import add_batch_size, non_negative_int, output_folder, positive_int
 from opt.cli.downstream_cmd import add_decoding, add_model, load_from_args
 
 
@@ -32,11 +32,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--no-card", dest="card", action="store_false",
                           help="leave the model directory's README.md (model card) as it is; by default its "
                           "evaluation section gets these figures")
+    add_batch_size(evaluate, what="samples encoded or captioned, and (query, candidate) pairs re-ranked, at "
+                   "once; text-to-image draws 256 images at once, as opt generate")
     add_decoding(evaluate)
     evaluate.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from opt.devices import inference_autocast
     from opt.downstream.common import describe_counts
     from opt.downstream.evaluate import EvalSettings, evaluate_directory, record_in_model_card
     from opt.downstream.report import headline, split_names
@@ -46,13 +49,15 @@ def run_eval(args: argparse.Namespace) -> None:
         from opt.engine.plot import plot_run
 
         curves = plot_run(args.run_dir)
-    settings = EvalSettings(limit=args.limit, rerank_k=args.rerank_k, caption_likelihood=args.caption_likelihood,
-                            beam=args.beam,
+    settings = EvalSettings(limit=args.limit, batch_size=args.batch_size, rerank_k=args.rerank_k,
+                            caption_likelihood=args.caption_likelihood, beam=args.beam,
                             generate_count=args.generate_count, decoding=args.decoding, steps=args.steps,
                             guidance=args.guidance, candidates=args.candidates, seed=args.seed,
                             with_meteor=args.meteor)
-    results = evaluate_directory(load_from_args(args), args.data, args.out, settings=settings, name=args.name,
-                                 curves=curves, model_name=Path(args.model).name)
+    loaded = load_from_args(args)
+    with inference_autocast(loaded.device):
+        results = evaluate_directory(loaded, args.data, args.out, settings=settings, name=args.name, curves=curves,
+                                     model_name=Path(args.model).name)
     if args.card:
         record_in_model_card(args.model, results, args.data, args.out)
     for split in split_names(results):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from opt.cli.common import DATA_HELP, add_command_group, add_config_arguments, config_from_args, output_folder
+from opt.cli.common import (DATA_HELP, add_command_group, add_config_arguments, add_device, config_from_args,
+                            output_folder)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -14,6 +15,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--val", help="validation shards for PSNR and codebook usage (default: a few training batches)")
     train.add_argument("--out", type=output_folder, required=True,
                        help="output directory (config.json, model.safetensors, PNG, metrics)")
+    add_device(train, inference=False)
     add_config_arguments(train)
     train.set_defaults(handler=run_vq_train)
 
@@ -32,7 +34,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_vq_train(args: argparse.Namespace) -> None:
     from opt.engine.vq import train_vq
 
-    metrics = train_vq(config_from_args(args), args.data, args.out, val=args.val)
+    metrics = train_vq(config_from_args(args), args.data, args.out, val=args.val, device=args.device)
     print(f"vq: val PSNR {metrics['psnr']:.2f} dB over {metrics['images']} images; codebook perplexity "
           f"{metrics['perplexity']:.1f}, {100 * metrics['used_fraction']:.1f}% of {metrics['codebook_size']} codes "
           f"used -> {args.out} (reconstructions.png, metrics.json)")

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
@@ -252,8 +253,10 @@ class BatchLoader:
         self.stats = DataStats()
 
     def __iter__(self) -> Iterator[dict]:
+        # pinned batches let to_device(..., non_blocking=True) overlap the copy to the GPU with compute
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                            persistent_workers=False, prefetch_factor=4 if self.workers else None)
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                            prefetch_factor=4 if self.workers else None)
         try:
             for batch in loader:
                 self.stats.add(batch.pop("stats"))

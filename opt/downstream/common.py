@@ -34,6 +34,7 @@ from opt.data.batch import batch_rows, to_device
 from opt.data.pipeline import BatchLoader, DataStats, by_reason
 from opt.data.samples import EXTENSIONS
 from opt.data.shards import resolve_shards
+from opt.devices import resolve_device
 from opt.errors import UserError
 from opt.model.opt_model import OPTModel
 from opt.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_in
@@ -55,26 +56,6 @@ def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
     target = resolve_device(device)
     model = OPTModel.from_pretrained(directory).to(target).eval()
     return LoadedModel(model, tokenizer, target)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``), checked to exist on this machine."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(f"device {name!r}: CUDA is not available on this machine")
-        if (device.index or 0) >= count:
-            raise UserError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-        return device
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError):  # a backend this build or machine lacks (mps, xpu, ...)
-        raise UserError(f"device {name!r} is not available on this machine") from None
-    return device
 
 
 def data_settings(loaded: LoadedModel, *, batch_size: int = 64, workers: int = 0,
@@ -204,8 +185,9 @@ def encode_split(loaded: LoadedModel, data: str, *, modalities: Sequence[str] = 
         split.captions += batch["captions"]
         split.meta += batch["meta"]
         for modality, out in loaded.model.encode_unimodal(batch, modalities=modalities).items():
-            for name in ("tokens", "mask", "pooled"):
-                parts[modality][name].append(out[name].float().cpu())
+            for name in ("tokens", "mask", "pooled"):  # features in fp32 (bf16 under autocast); masks stay bool
+                value = out[name].cpu()
+                parts[modality][name].append(value.float() if value.is_floating_point() else value)
     split.pixels = torch.cat(pixels) if pixels else None
     split.text_ids = _pad_cat([i[..., None] for i in ids], loaded.tokenizer.pad_id)[..., 0] if ids else None
     for modality, tensors in parts.items():

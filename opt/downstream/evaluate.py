@@ -50,6 +50,7 @@ class EvalSettings:
     """How ``opt eval`` runs each task."""
 
     limit: int | None = None  # samples per split (None = all)
+    batch_size: int = 64  # samples encoded or captioned, and (query, candidate) pairs re-ranked, at once
     rerank_k: int = 16  # retrieval: candidates re-ranked by the cross encoder (0 = off)
     caption_likelihood: bool = True  # re-ranking adds the text decoder's log P(caption | query) or P(query | candidate)
     beam: int = 1  # captioning beam size (1 = greedy)
@@ -82,14 +83,15 @@ def evaluate_split(loaded: LoadedModel, shards: str, settings: EvalSettings, *,
     timings: dict[str, float] = {}
     carried = split_modalities(shards)
     start = time.perf_counter()
-    split = encode_split(loaded, shards, modalities=carried, limit=settings.limit)
+    split = encode_split(loaded, shards, modalities=carried, limit=settings.limit, batch_size=settings.batch_size)
     timings["encode"] = time.perf_counter() - start
     metrics: dict[str, dict] = {"data": split.data_stats.as_dict(), "retrieval": {}, "captioning": {}}
     start = time.perf_counter()
     for name, (query, target) in DIRECTIONS.items():
         if set(query) | {target} <= set(carried):
             metrics["retrieval"][name] = retrieve(loaded, split, query, target, rerank_k=settings.rerank_k,
-                                                  caption_likelihood=settings.caption_likelihood)
+                                                  caption_likelihood=settings.caption_likelihood,
+                                                  batch_size=settings.batch_size)
     timings["retrieval"] = time.perf_counter() - start
     start = time.perf_counter()
     shown = {}
@@ -97,7 +99,8 @@ def evaluate_split(loaded: LoadedModel, shards: str, settings: EvalSettings, *,
         if not set(needed) | {"text"} <= set(carried):
             continue
         read = DataStats()
-        captions = caption_split(loaded, shards, inputs, beam=settings.beam, limit=settings.limit, stats=read)
+        captions = caption_split(loaded, shards, inputs, beam=settings.beam, limit=settings.limit,
+                                 batch_size=settings.batch_size, stats=read)
         metrics["captioning"][inputs] = caption_metrics(captions, inputs, with_meteor=settings.with_meteor,
                                                         plugins=plugins) | {"data": read.as_dict()}
         shown[inputs] = captions[:GRID_COUNT]

@@ -139,8 +139,9 @@ def caption_log_likelihoods(loaded: LoadedModel, split: EncodedSplit, query: tup
 
 
 def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], target: str, *,
-             rerank_k: int = 16, caption_likelihood: bool = True) -> dict:
-    """Rank all candidates for every query; metrics after re-ranking (and before, in ``two_tower``)."""
+             rerank_k: int = 16, caption_likelihood: bool = True, batch_size: int = 256) -> dict:
+    """Rank all candidates for every query; metrics after re-ranking (and before, in ``two_tower``).
+    ``batch_size``: (query, candidate) pairs re-ranked at once."""
     missing = [m for m in (*query, target) if m not in split.unimodal]
     if missing:
         raise ValueError(f"the split has no {missing[0]}")
@@ -161,7 +162,8 @@ def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], t
     start = time.perf_counter()
     top = scores.topk(k, dim=1).indices  # (q, k) columns of ``scores``
     query_rows, candidate_rows = queries.repeat_interleave(k), candidates[top].reshape(-1)
-    matched = matching_scores(loaded, split, query, target, query_rows, candidate_rows).reshape(n, k)
+    matched = matching_scores(loaded, split, query, target, query_rows, candidate_rows,
+                              batch_size=batch_size).reshape(n, k)
     # ITM's log p(matched) plus the towers' contrastive logit: the product of the two models'
     # probabilities. On the demo model it beat either alone (a2t R@1: towers 0.282, ITM 0.228, both 0.292)
     with torch.no_grad():
@@ -169,9 +171,11 @@ def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], t
     matched = matched + scale * scores.gather(1, top)
     if caption_likelihood and (target == "text" or "text" in query):
         if target == "text":  # log P(candidate caption | query)
-            likelihood = caption_log_likelihoods(loaded, split, query, query_rows, candidate_rows)
+            likelihood = caption_log_likelihoods(loaded, split, query, query_rows, candidate_rows,
+                                                 batch_size=batch_size)
         else:  # log P(query caption | candidate): the captioner (or recogniser) scores each candidate
-            likelihood = caption_log_likelihoods(loaded, split, (target,), candidate_rows, query_rows)
+            likelihood = caption_log_likelihoods(loaded, split, (target,), candidate_rows, query_rows,
+                                                 batch_size=batch_size)
         matched = matched + likelihood.reshape(n, k)
     result.update(rank_metrics(reranked_ranks(tower_ranks, matched, matches.gather(1, top))))
     seconds = time.perf_counter() - start

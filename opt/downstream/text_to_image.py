@@ -38,7 +38,7 @@ DECODINGS = ("parallel", "autoregressive")
 # 12 parallel steps (and is faster on a CPU)
 DEFAULT_DECODING = "autoregressive"
 DEFAULT_CANDIDATES = 32  # best of 32 by the model's own captioner (README: text-to-image)
-CANDIDATE_ROWS = 256  # prompts x candidates drawn at once, which bounds the memory of best-of-N
+CANDIDATE_ROWS = 256  # images (prompts x candidates) drawn at once by default, which bounds the memory
 
 
 def prompt_batch(loaded: LoadedModel, prompts: list[str], audio: list[bytes] | None = None) -> dict:
@@ -90,10 +90,12 @@ def prompt_agreement(loaded: LoadedModel, batch: dict, images: torch.Tensor) -> 
 @torch.no_grad()
 def generate_images(loaded: LoadedModel, batch: dict, *, decoding: str = DEFAULT_DECODING, steps: int = 12,
                     guidance: float = 3.0, temperature: float = 1.0, candidates: int = DEFAULT_CANDIDATES,
-                    seed: int = 0) -> torch.Tensor:
+                    seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
     """Images (b, 3, H, W) in [0, 1] for a prompt batch (text and/or audio); with ``candidates``
-    > 1 each is the best of that many samples by :func:`prompt_agreement`, drawn for at most
-    ``CANDIDATE_ROWS`` rows at a time."""
+    > 1 each is the best of that many samples by :func:`prompt_agreement`. At most
+    ``batch_size`` images (prompts x candidates; default ``CANDIDATE_ROWS``) are drawn at once,
+    and at least one prompt's candidates; the draws depend on it, so one seed and batch size
+    give the same images."""
     if decoding not in DECODINGS:
         raise UserError(f"--decoding {decoding!r} is not parallel or autoregressive")
     if candidates < 1:
@@ -103,18 +105,17 @@ def generate_images(loaded: LoadedModel, batch: dict, *, decoding: str = DEFAULT
     generator = torch.Generator(device=loaded.device).manual_seed(seed)
     options = {"decoding": decoding, "steps": steps, "guidance": guidance, "temperature": temperature,
                "generator": generator}
-    if candidates == 1:
-        return _sample_images(loaded, batch, **options).cpu()
-    prompts = batch["text"]["ids"].shape[0]
-    per_chunk = max(1, CANDIDATE_ROWS // candidates)
+    prompts = len(batch["keys"])
+    per_chunk = max(1, (batch_size or CANDIDATE_ROWS) // candidates)
     chosen = []
     for start in range(0, prompts, per_chunk):
         index = [row for row in range(start, min(start + per_chunk, prompts)) for _ in range(candidates)]
         repeated = batch_rows(batch, index)  # each prompt ``candidates`` times in a row
         images = _sample_images(loaded, repeated, **options)
-        scores = prompt_agreement(loaded, repeated, images).reshape(-1, candidates)
-        best = scores.argmax(1) + candidates * torch.arange(scores.shape[0], device=scores.device)
-        chosen.append(images[best].cpu())
+        if candidates > 1:
+            scores = prompt_agreement(loaded, repeated, images).reshape(-1, candidates)
+            images = images[scores.argmax(1) + candidates * torch.arange(scores.shape[0], device=scores.device)]
+        chosen.append(images.cpu())
     return torch.cat(chosen)
 
 

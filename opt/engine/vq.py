@@ -1,15 +1,21 @@
-"""Train the VQ image tokenizer on shard images (single process, fp32).
+"""Train the VQ image tokenizer on shard images (one process, fp32).
 
-``opt vq train --config FILE --data SHARDS --out DIR`` writes ``DIR`` as a VQ
-directory (config + safetensors) plus ``reconstructions.png`` (originals
-above their reconstructions) and ``metrics.json`` (val PSNR, codebook
-perplexity and the fraction of codes used).
+``opt vq train --config FILE --data SHARDS --out DIR [--device cuda]`` writes
+``DIR`` as a VQ directory (config + safetensors) plus ``reconstructions.png``
+(originals above their reconstructions) and ``metrics.json`` (val PSNR,
+codebook perplexity and the fraction of codes used).
+
+The model, batches and metrics live on one device (default ``cpu``, as every
+``--device``: :mod:`opt.devices`). There is no data parallelism: started by a
+launcher (``deepspeed``, ``torchrun``) with more than one process, it refuses
+at once instead of training the same tokenizer N times into one directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -17,7 +23,9 @@ from tqdm import tqdm
 
 from opt.config import Config
 from opt.data.pipeline import BatchLoader
+from opt.devices import resolve_device
 from opt.engine.schedule import warmup_decay
+from opt.errors import UserError
 from opt.files import write_atomic
 from opt.model.vq import VQTokenizer, codebook_usage, psnr, reconstruction_loss, save_vq
 from opt.viz import save_image_grid
@@ -27,20 +35,30 @@ def _image_only(config: Config) -> Config:
     return dataclasses.replace(config, data=dataclasses.replace(config.data, modalities=["image"], require=["image"]))
 
 
+def refuse_several_processes() -> None:
+    """One line instead of N processes training the same tokenizer into one directory."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise UserError(f"opt vq train runs in one process, but a launcher started {world} (WORLD_SIZE={world}); "
+                        "run it without deepspeed or torchrun, or with one process, and pick the GPU with --device")
+
+
 @torch.no_grad()
 def evaluate_vq(model: VQTokenizer, loader: BatchLoader, max_batches: int | None = None) -> dict:
-    """Mean PSNR and codebook usage over ``loader``; also returns one batch for pictures."""
+    """Mean PSNR and codebook usage over ``loader`` on the model's device; also returns one
+    batch (originals, reconstructions) on the CPU for pictures."""
     model.eval()
+    device = next(model.parameters()).device
     scores, codes, first = [], [], None
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
-        pixels = batch["image"]["pixels"]
+        pixels = batch["image"]["pixels"].to(device, non_blocking=True)
         out = model(pixels)
-        scores.append(psnr(out["reconstruction"], pixels))
-        codes.append(out["codes"])
+        scores.append(psnr(out["reconstruction"], pixels).cpu())
+        codes.append(out["codes"].cpu())
         if first is None:
-            first = (pixels, out["reconstruction"].clamp(0, 1))
+            first = (pixels.cpu(), out["reconstruction"].clamp(0, 1).cpu())
     model.train()
     all_scores = torch.cat(scores)
     metrics = {"psnr": float(all_scores.mean()), "images": int(all_scores.numel())}
@@ -48,21 +66,23 @@ def evaluate_vq(model: VQTokenizer, loader: BatchLoader, max_batches: int | None
     return metrics | {"_pictures": first}
 
 
-def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = None,
+def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = None, device: str = "cpu",
              progress: bool = True) -> dict:
-    """Train a :class:`VQTokenizer` and write its directory; returns the val metrics."""
+    """Train a :class:`VQTokenizer` on ``device`` and write its directory; returns the val metrics."""
+    refuse_several_processes()
+    target = resolve_device(device)
     torch.manual_seed(config.train.seed)
     config = _image_only(config)
     settings = config.vq_train
     loader = BatchLoader(data, config.data, config.audio, None, train=True, seed=config.train.seed,
                          batch_size=settings.batch_size)
-    model = VQTokenizer(config.model.vq)
+    model = VQTokenizer(config.model.vq).to(target)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = warmup_decay(optimizer, warmup=max(1, settings.steps // 20), total=settings.steps, decay_start=0)
     bar = tqdm(total=settings.steps, desc="vq", disable=not progress)
     batches = iter(loader)
     for step in range(settings.steps):
-        pixels = next(batches)["image"]["pixels"]
+        pixels = next(batches)["image"]["pixels"].to(target, non_blocking=True)
         output = model(pixels)
         loss = reconstruction_loss(output["reconstruction"], pixels, foreground_weight=settings.foreground_weight)
         loss = loss + output["commit_loss"]
@@ -79,7 +99,7 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
     metrics = evaluate_vq(model, val_loader, max_batches=None if val else 4)
     originals, reconstructions = metrics.pop("_pictures")
     out = Path(out)
-    save_vq(model, out)
+    save_vq(model.cpu(), out)
     count = min(16, originals.shape[0])
     save_image_grid(list(originals[:count]) + list(reconstructions[:count]), out / "reconstructions.png",
                     columns=count, row_labels=["original", "VQ"])
