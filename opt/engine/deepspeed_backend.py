@@ -11,6 +11,16 @@ file in a run directory would run code when it is loaded. Every DeepSpeed load
 here runs inside :func:`weights_only_loads`: ``torch.load`` is forced to
 ``weights_only=True`` with only the few DeepSpeed classes its checkpoints hold
 allowed, and a file holding anything else is refused (:class:`UnsafeCheckpoint`).
+
+A step can be taken without its update (:meth:`DeepSpeedBackend.step` with
+``update=False``, the trainer's non-finite guard): DeepSpeed's step still runs,
+so at every ZeRO stage it clears the gradients and its own accumulation buffers
+and counts the micro-batches, but the torch optimizer and the scheduler do not
+step and the loss scaler's state is put back. DeepSpeed's own optimizers (ZeRO
+1-3, bf16, fp16) also skip a step whose reduced gradients have a non-finite norm,
+on every rank alike; a plain fp32 engine without ZeRO steps the torch optimizer
+directly and checks nothing, so :meth:`DeepSpeedBackend.gradient_norm` measures
+it for the guard.
 """
 
 from __future__ import annotations
@@ -106,7 +116,8 @@ def deepspeed_config(config: Config) -> dict:
         "gradient_accumulation_steps": train.accumulation,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
+        # without it ZeRO-1/2 apply a bf16 step whose gradient norm is not finite
+        "bf16": {"enabled": train.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
     }
@@ -133,6 +144,7 @@ class DeepSpeedBackend:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: Config) -> None:
         self.config = deepspeed_config(config)
+        self.torch_optimizer = optimizer  # what DeepSpeed's optimizer (self.optimizer) wraps, or is
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
         self.stage = config.train.zero_stage
@@ -163,17 +175,58 @@ class DeepSpeedBackend:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch. Every rank must run it, finite loss or not: ZeRO reduces
+        the gradients inside it."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
+        if not boundary:
+            self.engine.step()  # DeepSpeed counts micro-batches in step(), which updates only at a boundary
 
-    def step(self) -> None:
-        self.engine.step()
+    def gradient_norm(self) -> float | None:
+        """The norm of this rank's reduced gradients, after the last micro-batch's backward, where
+        DeepSpeed steps the torch optimizer directly (fp32 without ZeRO). None where DeepSpeed's
+        own optimizer measures it in :meth:`step` and skips a non-finite step itself."""
+        if self.optimizer is not self.torch_optimizer:
+            return None
+        gradients = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(gradients)) if gradients else 0.0
 
-    def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+    def step(self, *, update: bool = True) -> bool:
+        """The optimizer step at the end of an accumulation; returns whether it changed the weights
+        (False also when DeepSpeed found the gradient norm non-finite). ``update=False`` skips the
+        update and leaves the weights, the optimizer state, the scheduler and the loss scale as they are."""
+        if update:
+            self.engine.step()
+        else:
+            with self._without_update():
+                self.engine.step()
+        return update and self.engine.was_step_applied()
+
+    @contextlib.contextmanager
+    def _without_update(self) -> Iterator[None]:
+        """Inside, DeepSpeed's step clears the gradients and counts the step as usual, while the torch
+        optimizer and the scheduler do not step and the loss scaler's state is put back after it."""
+        scaler = self._loss_scaler()
+        scaler_state = dict(vars(scaler)) if scaler is not None else {}
+        try:
+            with _replaced(self.torch_optimizer, "step", _do_nothing), _replaced(self.scheduler, "step", _do_nothing):
+                yield
+        finally:
+            if scaler is not None:
+                vars(scaler).update(scaler_state)
+
+    def _loss_scaler(self):
+        """Where DeepSpeed's optimizer keeps its loss scale (ZeRO: ``loss_scaler``; bf16 or fp16
+        without ZeRO: ``loss_scale_config``), or None (fp32 without ZeRO)."""
+        for name in ("loss_scaler", "loss_scale_config"):
+            if getattr(self.optimizer, name, None) is not None:
+                return getattr(self.optimizer, name)
+        return None
 
     def loss_scale(self) -> float | None:
-        return float(self.optimizer.cur_scale) if hasattr(self.optimizer, "cur_scale") else None
+        """The fp16 loss scale; None in the other precisions."""
+        scaler = self._loss_scaler()
+        return float(scaler.cur_scale) if scaler is not None and self.engine.fp16_enabled() else None
 
     def save(self, directory: Path, client_state: dict) -> None:
         """Every rank writes its part of the checkpoint into ``directory``."""
@@ -186,6 +239,25 @@ class DeepSpeedBackend:
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
         return client_state
+
+
+def _do_nothing(*args, **kwargs) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
+    """Inside, ``owner.name`` is ``value``; afterwards what it was (an instance attribute, or the class's)."""
+    missing = object()
+    previous = vars(owner).get(name, missing)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if previous is missing:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, previous)
 
 
 def fp32_state_dict(directory: Path) -> dict[str, torch.Tensor]:

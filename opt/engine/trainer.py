@@ -19,6 +19,15 @@ model, optimizer, scheduler and loss scale (DeepSpeed's part), plus the task
 mixture (momentum encoders, queues, its random generator), the RNG states and
 the number of batches consumed (the data position: a resumed run skips as many
 batches of the same seeded stream).
+
+The non-finite guard: a step is skipped on every rank when any rank saw a non-finite
+loss or gradient norm. Every rank first runs all its backward passes (ZeRO reduces
+gradients inside them: a rank that left early would hang the others), then the ranks
+agree in one all-reduce, then the step runs with or without its update (see
+:mod:`opt.engine.deepspeed_backend`). A skipped step leaves the weights, optimizer,
+schedule, loss scale, momentum encoders and queues as they were and does not count
+towards ``train.steps``; ``train.max_nonfinite`` of them in a row stop the run with a
+checkpoint of the last good state (:class:`TrainingStopped`).
 """
 
 from __future__ import annotations
@@ -263,29 +272,20 @@ class Trainer:
         last_loss: dict[str, float] = {}
         record: dict = {}
         while self.step < config.steps:
-            batch = to_device(next(batches), self.device)
-            self.consumed += 1
-            with self._autocast():
-                loss, metrics = self.mixture(self.model, batch, self.step)
-            if not torch.isfinite(loss):
-                self._nonfinite(f"loss {loss.item()}")
+            trained = self._train_step(batches)
+            if trained is None:
                 continue
-            self.backend.backward(loss)
-            self.backend.step()
-            norm = self.backend.grad_norm()
-            if norm is not None and not math.isfinite(norm):
-                self._nonfinite(f"gradient norm {norm}")
-            else:
-                self.nonfinite["in_a_row"] = 0
+            loss, micro_batches = trained
             self.step += 1
             bar.update()
-            window.add(metrics, len(batch["keys"]) * self.backend.world_size)
-            last_loss |= {task: values["loss"] for task, values in metrics.items()}
+            for metrics, samples in micro_batches:
+                window.add(metrics, samples)
+                last_loss |= {task: values["loss"] for task, values in metrics.items()}
             bar.set_postfix({t: f"{v:.3f}" for t, v in last_loss.items()}
                             | {"samples/s": f"{window.samples_per_second():.1f}"}, refresh=False)
             if self.step % config.log_every == 0 or self.step == config.steps:
                 record = {"step": self.step, "lr": self.backend.scheduler.get_last_lr()[0],
-                          "samples_per_s": window.samples_per_second(), "loss": loss.item(),
+                          "samples_per_s": window.samples_per_second(), "loss": loss,
                           "nonfinite_steps": self.nonfinite["total"]} | window.means()
                 record |= data_record(loader.stats)
                 if self.backend.loss_scale() is not None:
@@ -305,6 +305,30 @@ class Trainer:
         self.save_checkpoint()
         self._close(bar, writer, loader)
         return record
+
+    def _train_step(self, batches) -> tuple[float, list[tuple[dict, int]]] | None:
+        """One optimizer step over ``train.accumulation`` micro-batches: returns the last loss and
+        each micro-batch's metrics and sample count (all ranks), or None when the step was skipped."""
+        losses = []
+        micro_batches = []
+        for _ in range(self.config.train.accumulation):
+            batch = to_device(next(batches), self.device)
+            self.consumed += 1
+            with self._autocast():
+                loss, metrics = self.mixture(self.model, batch, self.step)
+            losses.append(loss.item())
+            self.backend.backward(loss)
+            micro_batches.append((metrics, len(batch["keys"]) * self.backend.world_size))
+        norm = self.backend.gradient_norm()
+        finite_here = all(map(math.isfinite, losses)) and (norm is None or math.isfinite(norm))
+        finite = finite_here
+        if self.backend.step(update=finite):
+            self.mixture.commit()
+            self.nonfinite["in_a_row"] = 0
+            return losses[-1], micro_batches
+        self.mixture.roll_back()
+        self._nonfinite(_what_was_not_finite(losses, norm, finite))
+        return None
 
     def _close(self, bar: tqdm, writer: SummaryWriter | None, loader: BatchLoader) -> None:
         """Close the progress bar and the log; the main process writes the loader's counts."""
@@ -333,3 +357,13 @@ class Trainer:
             path = self.save_checkpoint()
             raise TrainingStopped(f"{self.nonfinite['in_a_row']} non-finite steps in a row at step {self.step}; "
                                   f"stopped; the last good state is in {path}")
+
+
+def _what_was_not_finite(losses: list[float], norm: float | None, finite: bool) -> str:
+    """This rank's reason for a skipped step, for the warning."""
+    bad = [value for value in losses if not math.isfinite(value)]
+    if bad:
+        return f"loss {bad[0]}"
+    if norm is not None and not math.isfinite(norm):
+        return f"gradient norm {norm}"
+    return "loss or gradient norm on another rank" if not finite else "gradient norm (found by DeepSpeed)"

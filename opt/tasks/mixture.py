@@ -8,6 +8,12 @@ step 0, and ``tasks.weights`` apply after the last phase. The mixture's random
 generators (:class:`~opt.tasks.base.TaskGenerators`, which also draw every task's
 choices and masks) and the contrastive task's momentum encoders and queues are
 its state, saved in checkpoints.
+
+A stateful task changes its state as it runs (the momentum encoders move before
+they embed the batch), before the step is known to be good: the mixture keeps a
+copy of that state from the first micro-batch of an optimizer step until the
+trainer calls :meth:`TaskMixture.commit` (the step was applied) or
+:meth:`TaskMixture.roll_back` (it was skipped).
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class TaskMixture(nn.Module):
         self.generators = TaskGenerators(
             shared=torch.Generator().manual_seed(config.train.seed + 1),
             local=torch.Generator().manual_seed(config.train.seed + 1 + 1000 * (rank + 1)))
+        self.kept: dict[str, dict[str, torch.Tensor]] = {}  # stateful tasks' state before this optimizer step
 
     def _weights(self, weights: dict[str, float]) -> torch.Tensor:
         values = torch.tensor([float(weights.get(n, 0.0)) for n in self.names])
@@ -98,12 +105,29 @@ class TaskMixture(nn.Module):
         total, metrics = None, {}
         weights, conditions = self.phase_at(step)
         for name in self.choose(step):
+            if self.training and name in self.stateful:
+                self._keep(name)
             options = {"conditions": conditions[name]} if name in conditions else {}
             output: TaskOutput = self.task(name)(model, batch, self.generators, **options)
             weight = 1.0 if self.mode == "sample" else float(weights[self.names.index(name)])
             total = output.loss * weight if total is None else total + output.loss * weight
             metrics[name] = output.metrics
         return total, metrics
+
+    def _keep(self, name: str) -> None:
+        """Copy a stateful task's state the first time it runs in an optimizer step."""
+        if name not in self.kept:
+            self.kept[name] = {key: value.clone() for key, value in self.stateful[name].state_dict().items()}
+
+    def commit(self) -> None:
+        """The optimizer step was applied: the tasks' new state stays."""
+        self.kept.clear()
+
+    def roll_back(self) -> None:
+        """The optimizer step was skipped: the tasks' state (momentum encoders, queues) as before it."""
+        for name, state in self.kept.items():
+            self.stateful[name].load_state_dict(state)
+        self.kept.clear()
 
     @torch.no_grad()
     def evaluate(self, model: OPTModel, batches: list[dict], *, seed: int) -> dict[str, float]:
