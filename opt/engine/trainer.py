@@ -317,11 +317,11 @@ class Trainer:
             with self._autocast():
                 loss, metrics = self.mixture(self.model, batch, self.step)
             losses.append(loss.item())
-            self.backend.backward(loss)
+            self.backend.backward(loss)  # a non-finite loss too: the other ranks wait for its gradients
             micro_batches.append((metrics, len(batch["keys"]) * self.backend.world_size))
         norm = self.backend.gradient_norm()
         finite_here = all(map(math.isfinite, losses)) and (norm is None or math.isfinite(norm))
-        finite = finite_here
+        finite = not self.backend.any_rank(not finite_here)
         if self.backend.step(update=finite):
             self.mixture.commit()
             self.nonfinite["in_a_row"] = 0
@@ -366,4 +366,4 @@ def _what_was_not_finite(losses: list[float], norm: float | None, finite: bool) 
         return f"loss {bad[0]}"
     if norm is not None and not math.isfinite(norm):
         return f"gradient norm {norm}"
-    return "loss or gradient norm on another rank" if not finite else "gradient norm (found by DeepSpeed)"
+    return "loss or gradient norm on another rank" if not finite else "gradient norm (DeepSpeed's own check)"
