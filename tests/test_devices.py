@@ -26,31 +26,11 @@ from opt.downstream.evaluate import EvalSettings
 from opt.downstream.index import EmbeddingIndex, save_index
 from opt.downstream.text_to_image import CANDIDATE_ROWS
 from opt.model.opt_model import OPTModel
-from opt.text.tokenizer import TextTokenizer
-from tests.test_model import small_model
+from tests.test_inference import model_dir, shard  # noqa: F401 (fixtures: a model that captions images apart)
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHT_STD = 0.2  # as in test_inference: weights this large caption each image differently
 # a CUDA device this machine lacks: any on a machine without CUDA, one past the last on a GPU machine
 MISSING_CUDA = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("devices_model")
-    tokenizer.save(folder / "tok.model")
-    model, _ = small_model(tokenizer)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0, WEIGHT_STD, generator=generator)
-    return model.save_pretrained(folder / "model", tokenizer=TextTokenizer.from_file(folder / "tok.model"))
-
-
-@pytest.fixture(scope="module")
-def shard(world) -> str:
-    return str(sorted(world.glob("test-*.tar"))[0])
 
 
 @pytest.fixture(scope="module")
