@@ -86,6 +86,7 @@ class Decay(StrEnum):
 
 
 class Precision(StrEnum):
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -311,7 +312,10 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas (the paper's)
     grad_clip: float = ranged(5.0, ge=0)  # gradient-norm clipping
     accumulation: int = ranged(1, ge=1)  # micro-batches per optimizer step
-    precision: Precision = Precision.fp32  # training precision (the VQ tokenizer always runs in fp32)
+    # training precision (the VQ tokenizer always runs in fp32); auto: bf16 where the hardware does it
+    # natively and it pays for the model's size (opt.devices.auto_precision), else fp32
+    precision: Precision = Precision.fp32
+    compile: bool = False  # torch.compile the model's encoders and decoders (the task logic stays eager)
     zero_stage: int = ranged(0, choices=(0, 1, 2, 3))  # DeepSpeed ZeRO stage
     deepspeed_preset: str | None = None  # optional JSON merged under the derived DeepSpeed config
     vq_path: str | None = None  # trained VQ tokenizer directory (opt vq train --out)

@@ -1,129 +1,270 @@
-"""Training-step benchmark, measured side by side in one run (CPU, 2 threads here).
+"""Training-step benchmark: the trainer's real step, measured side by side in one run.
 
-    python scripts/bench_train.py [--quick] [--out bench_train.json]
+    python scripts/bench_train.py [--configs tiny,base] [--rounds 3] [--base-steps 2] [--out bench_train.json]
+    python scripts/bench_train.py --contention [--seconds 12] [--out bench_contention.json]
 
-1. A full training step (all three encoders, the cross-modal encoder, both decoders,
-   forward + backward + the trainer's AdamW, ``build_optimizer``: fused, decay groups)
-   for the tiny and base configs in fp32: samples/s and
-   achieved FLOP/s as a fraction of the fp32 matmul peak measured in the same run
-   (target >= 40% for base). ``--bf16`` adds base under bf16 autocast against the
-   measured bf16 matmul peak (on the 2-core CPU machine a 2048^2 bf16 matmul took
-   about a minute in this torch build, so it is off by default).
-2. Our cross-modal encoder vs a transformers ``BertModel`` encoder of the same size
-   (12 layers, 768 wide, 12 heads, sequence 180): forward + backward step time.
-3. The AdamW step alone on the tiny model's parameters: the fused implementation (the
-   trainer's) against torch's per-tensor loop and its multi-tensor ``foreach`` path.
+The step is what ``opt train`` runs for one optimizer step (:func:`opt.engine.trainer.optimizer_step`):
+the whole training forward under the DeepSpeed engine (task mixture, model, momentum encoders),
+DeepSpeed's backward and step, the non-finite guard. Data is already in memory (one batch of the
+pipeline's layout at the config's maximum sizes, :func:`opt.model.summary.dummy_batch`), so the
+loader is left out. Steps run after the curriculum's phases, with the config's main task weights.
+
+Default run, per config (tiny: batch 32; base: batch 4), the arms fp32 / bf16 x eager / compiled
+(``train.compile``) in the paper's one-task-per-step mode (``tasks.mode=sample``), and fp32 eager
+with every task each step (``sum``): samples/s (median of the rounds and their range), FLOPs per
+sample of the same steps (``torch.utils.flop_counter`` on a replay of exactly the timed steps: the
+same tasks and masks), and utilisation: achieved FLOP/s over a large matmul's FLOP/s measured in
+this process in the arm's precision. The tiny arms live side by side and their rounds interleave;
+a base engine holds ~10 GB, so base arms run one after another (``--base-steps`` steps each round).
+
+``--contention``: the tiny step (fp32, eager, ``sum`` mode: every step the same work) alone, beside
+a plain Python busy loop, and beside a copy of the same training step (both at normal priority),
+in a fresh process per OpenMP wait policy: the project's (``opt`` sets ``OMP_WAIT_POLICY=PASSIVE``
+unless the environment sets it) and libgomp's default (spin, then sleep). Target: with each
+competitor the step keeps >= 40% of its idle samples/s (a fair share of 2 cores is 50%), and the
+project's idle figure is within 5% of libgomp's default.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-import torch
-from transformers import BertConfig, BertModel
-
-from opt.benchmarking import matmul_peak, timed
-from opt.config import load_config
-from opt.engine.trainer import build_optimizer, parameter_groups
-from opt.model.cross import CrossModalEncoder
-from opt.model.opt_model import ModelSpec, OPTModel
-from opt.model.summary import count_flops, dummy_batch, full_step_loss
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import opt  # noqa: E402,F401  (before torch: sets the OpenMP wait policy)
+import torch  # noqa: E402
+
+from opt.benchmarking import matmul_peak, processor_name  # noqa: E402
+from opt.config import load_config  # noqa: E402
+from opt.engine.deepspeed_backend import init_distributed  # noqa: E402
+from opt.engine.trainer import build_engine, optimizer_step, precision_autocast  # noqa: E402
+from opt.model.opt_model import ModelSpec, OPTModel  # noqa: E402
+from opt.model.summary import count_flops, dummy_batch  # noqa: E402
+
+BATCH = {"tiny": 32, "base": 4}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def bench_step(name: str, batch_size: int, repeats: int, peak: float, dtype: torch.dtype | None = None) -> dict:
-    torch.manual_seed(0)
-    config = load_config(ROOT / f"configs/{name}.yaml")
-    model = OPTModel(ModelSpec.from_config(config)).train()
-    optimizer, _ = build_optimizer(model, config)
-    batch = dummy_batch(model, batch_size)
+class RealStep:
+    """The trainer's step for one config and arm, on one in-memory batch."""
 
-    def step():
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = full_step_loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, name: str, *, precision: str = "fp32", mode: str = "sample", compiled: bool = False,
+                 batch_size: int | None = None) -> None:
+        overrides = [f"train.precision={precision}", f"tasks.mode={mode}", f"train.compile={compiled}",
+                     "train.accumulation=1", "train.zero_stage=0", "model.dropout=0.1"]
+        self.config = load_config(ROOT / f"configs/{name}.yaml", overrides)
+        self.device = init_distributed()
+        torch.manual_seed(0)
+        model = OPTModel(ModelSpec.from_config(self.config))
+        self.backend = build_engine(self.config, model)
+        self.batch_size = batch_size or BATCH[name]
+        self.batch = dummy_batch(model, self.batch_size) | {"keys": [str(i) for i in range(self.batch_size)]}
+        self.first = sum(phase.steps for phase in self.config.tasks.phases)  # the main weights from here
+        self.autocast = precision_autocast(self.device, precision)
+        self.index = 0
+        self.tasks: list[str] = []
 
-    with count_flops() as counter:
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = full_step_loss(model, batch)
-        loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    seconds = timed(step, repeats)
-    key = f"{name}_{'bf16' if dtype else 'fp32'}"
-    flops = counter.get_total_flops()
-    return {f"{key}_samples_per_s": batch_size / seconds, f"{key}_gflops_per_s": flops / seconds / 1e9,
-            f"{key}_fraction_of_peak": flops / seconds / peak}
+    def warm_up(self) -> None:
+        """One step running every task (each compiles on its first call), then one as configured."""
+        mixture = self.backend.module.mixture
+        mode, mixture.mode = mixture.mode, "sum"
+        self()
+        mixture.mode = mode
+        self()
+
+    def __call__(self) -> None:
+        outcome = optimizer_step(self.backend, [self.batch], self.first + self.index, self.autocast)
+        self.tasks += list(outcome.micro_batches[0][0])
+        self.index += 1
+
+    def timed(self, steps: int) -> tuple[float, float]:
+        """Samples/s and FLOPs per sample of ``steps`` steps: timed, then replayed (same tasks and
+        masks: the mixture's generators are put back) under the FLOP counter."""
+        mixture = self.backend.module.mixture
+        generators, index = mixture.extra_state(), self.index
+        start = time.perf_counter()
+        for _ in range(steps):
+            self()
+        seconds = time.perf_counter() - start
+        mixture.load_extra_state(generators)
+        self.index = index
+        with count_flops() as counter:
+            for _ in range(steps):
+                self()
+        return steps * self.batch_size / seconds, counter.get_total_flops() / (steps * self.batch_size)
 
 
-def bench_cross_vs_bert(batch: int, repeats: int) -> dict:
-    config = load_config(ROOT / "configs/base.yaml").model.cross
-    torch.manual_seed(0)
-    ours = CrossModalEncoder(config, image_tokens=64).train()
-    bert = BertModel(BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                                max_position_embeddings=512, attn_implementation="sdpa"),
-                     add_pooling_layer=False).train()
-    lengths = {"text": 40, "image": 64, "audio": 75}
-    inputs = {m: {"tokens": torch.randn(batch, n, 768), "mask": torch.ones(batch, n, dtype=torch.bool)}
-              for m, n in lengths.items()}
-    embeds = torch.randn(batch, 1 + sum(lengths.values()), 768)
-    mask = torch.ones(batch, embeds.shape[1], dtype=torch.long)
-    ours_s = timed(lambda: ours(inputs)["states"].pow(2).mean().backward(), repeats)
-    bert_s = timed(lambda: bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.pow(2).mean().backward(),
-                   repeats)
-    return {"cross_base_step_s": ours_s, "bert_base_step_s": bert_s, "cross_vs_bert_speedup": bert_s / ours_s}
+def first_line(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
 
 
-def bench_optimizer_step(repeats: int) -> dict[str, float]:
-    """Milliseconds of one AdamW step over the tiny model's parameters, three implementations."""
-    config = load_config(ROOT / "configs/tiny.yaml")
-    torch.manual_seed(0)
-    model = OPTModel(ModelSpec.from_config(config)).train()
-    for parameter in model.parameters():
-        parameter.grad = torch.randn_like(parameter) if parameter.requires_grad else None
+def arms(name: str) -> dict[str, dict]:
+    rows = {f"{precision}_{'compiled' if compiled else 'eager'}_sample": dict(precision=precision, compiled=compiled)
+            for precision in ("fp32", "bf16") for compiled in (False, True)}
+    return rows | {"fp32_eager_sum": dict(mode="sum")}
+
+
+def summarise(name: str, arm: str, rates: list[float], flops: float, peak: float) -> dict:
+    median = statistics.median(rates)
+    return {f"{name}_{arm}_samples_per_s": median, f"{name}_{arm}_samples_per_s_min": min(rates),
+            f"{name}_{arm}_samples_per_s_max": max(rates), f"{name}_{arm}_gflop_per_sample": flops / 1e9,
+            f"{name}_{arm}_utilisation": median * flops / peak}
+
+
+def bench_config(name: str, rounds: int, steps: int, peaks: dict[str, float], interleave: bool) -> dict:
+    results = {}
+    settings = arms(name)
+    if interleave:  # every arm built first, rounds interleaved
+        built = {}
+        for arm, options in settings.items():
+            try:
+                built[arm] = RealStep(name, **options)
+                built[arm].warm_up()  # and compilation
+            except Exception as error:  # e.g. inductor failing to compile bf16 CPU kernels: say so, go on
+                built.pop(arm, None)
+                results[f"{name}_{arm}_failed"] = first_line(error)
+        rates = {arm: [] for arm in built}
+        flops = {}
+        for _ in range(rounds):
+            for arm, step in built.items():
+                rate, flops[arm] = step.timed(steps)
+                rates[arm].append(rate)
+        for arm in built:
+            results |= summarise(name, arm, rates[arm], flops[arm], peaks[settings[arm].get("precision", "fp32")])
+        return results
+    for arm, options in settings.items():  # one engine in memory at a time
+        try:
+            step = RealStep(name, **options)
+            step.warm_up()
+        except Exception as error:
+            results[f"{name}_{arm}_failed"] = first_line(error)
+            continue
+        measured = [step.timed(steps) for _ in range(rounds)]
+        results |= summarise(name, arm, [rate for rate, _ in measured], measured[-1][1],
+                             peaks[options.get("precision", "fp32")])
+        del step
+    return results
+
+
+# -- contention --------------------------------------------------------------------------------
+
+def step_loop(seconds: float | None, report: bool) -> dict | None:
+    """Run the tiny fp32 sum-mode step; with ``seconds``, measure windows as the parent asks."""
+    step = RealStep("tiny", mode="sum")
+    for _ in range(3):
+        step()
+    print("ready", flush=True)
+    if not report:
+        while True:
+            step()
     figures = {}
-    for label, options in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("loop", {"foreach": False})):
-        optimizer = torch.optim.AdamW(parameter_groups(model, config.train.weight_decay), lr=1e-4, **options)
-        figures[f"tiny_adamw_{label}_ms"] = 1e3 * timed(optimizer.step, max(repeats, 5))
-    figures["tiny_adamw_fused_vs_loop_speedup"] = figures["tiny_adamw_loop_ms"] / figures["tiny_adamw_fused_ms"]
+    for line in sys.stdin:
+        arm = line.strip()
+        if arm == "done":
+            break
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            step()
+            count += 1
+        figures[arm] = count * step.batch_size / (time.perf_counter() - start)
+        print(json.dumps({arm: figures[arm]}), flush=True)
     return figures
 
 
-def bench_bf16(enabled: bool, repeats: int) -> dict[str, float]:
-    if not enabled:
-        return {}
-    peak = matmul_peak(torch.bfloat16)
-    return {"bf16_matmul_gflops_per_s": peak / 1e9} | bench_step("base", 2, repeats, peak, dtype=torch.bfloat16)
+def competitor(kind: str, env: dict) -> subprocess.Popen:
+    if kind == "busy_loop":
+        command = [sys.executable, "-c", "while True: pass"]
+    else:
+        command = [sys.executable, __file__, "--step-loop"]
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    if kind == "training_step":
+        assert process.stdout.readline().strip() == "ready"
+    return process
 
 
-def report(figures: dict[str, float]) -> None:
+def contention(seconds: float) -> dict:
+    """Per wait policy, a measuring process and its competitors; windows: idle, busy loop, step copy, idle."""
+    results = {}
+    policies = {"project_passive": {}, "libgomp_default": {"OMP_WAIT_POLICY": ""}}  # "" leaves libgomp's default
+    for policy, extra in policies.items():
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | extra
+        measuring = subprocess.Popen([sys.executable, __file__, "--measure", str(seconds)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        assert measuring.stdout.readline().strip() == "ready"
+        figures = {}
+        for arm in ("idle", "busy_loop", "training_step", "idle_after"):
+            rival = competitor(arm, env) if arm in ("busy_loop", "training_step") else None
+            time.sleep(1.0)
+            measuring.stdin.write(arm + "\n")
+            measuring.stdin.flush()
+            figures |= json.loads(measuring.stdout.readline())
+            if rival is not None:
+                rival.kill()
+                rival.wait()
+        measuring.stdin.write("done\n")
+        measuring.stdin.close()
+        measuring.wait()
+        idle = (figures["idle"] + figures["idle_after"]) / 2
+        results |= {f"{policy}_{arm}_samples_per_s": value for arm, value in figures.items()}
+        results |= {f"{policy}_{arm}_fraction_of_idle": figures[arm] / idle for arm in ("busy_loop", "training_step")}
+    results["project_idle_vs_libgomp_default"] = (
+        (results["project_passive_idle_samples_per_s"] + results["project_passive_idle_after_samples_per_s"])
+        / (results["libgomp_default_idle_samples_per_s"] + results["libgomp_default_idle_after_samples_per_s"]))
+    return results
+
+
+def report(figures: dict) -> None:
+    width = max(map(len, figures))
     for key, value in figures.items():
-        print(f"{key:<40}  {value:12.4g}", flush=True)
+        print(f"{key:<{width}}  {value:12.4g}" if isinstance(value, (int, float)) else f"{key:<{width}}  {value}",
+              flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one timed repeat")
-    parser.add_argument("--bf16", action="store_true", help="also time base under bf16 autocast")
+    parser.add_argument("--configs", default="tiny,base", help="comma-separated: tiny, base")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per arm (median and range)")
+    parser.add_argument("--tiny-steps", type=int, default=14, help="steps per round, tiny")
+    parser.add_argument("--base-steps", type=int, default=2, help="steps per round, base")
+    parser.add_argument("--contention", action="store_true", help="the contention benchmark instead")
+    parser.add_argument("--seconds", type=float, default=12.0, help="--contention: seconds per window")
     parser.add_argument("--out", help="also write the figures as JSON")
+    parser.add_argument("--measure", type=float, help=argparse.SUPPRESS)  # --contention's measuring process
+    parser.add_argument("--step-loop", action="store_true", help=argparse.SUPPRESS)  # its copy of the step
     args = parser.parse_args()
-    repeats = 1 if args.quick else 2
-    fp32_peak = matmul_peak(torch.float32)
-    results = {"threads": torch.get_num_threads(), "fp32_matmul_gflops_per_s": fp32_peak / 1e9}
+    if args.measure is not None or args.step_loop:
+        step_loop(args.measure, report=args.measure is not None)
+        return
+    results = {"processor": processor_name(), "torch_threads": torch.get_num_threads(),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
     report(results)
-    for measured in (lambda: bench_cross_vs_bert(8, repeats),
-                     lambda: bench_step("tiny", 32, repeats, fp32_peak),
-                     lambda: bench_step("base", 2, repeats, fp32_peak),
-                     lambda: bench_optimizer_step(repeats),
-                     lambda: bench_bf16(args.bf16, repeats),
-                     lambda: {"fp32_matmul_gflops_per_s_after": matmul_peak(torch.float32) / 1e9}):
-        figures = measured()
+    if args.contention:
+        figures = contention(args.seconds)
         report(figures)
         results |= figures
+    else:
+        peaks = {precision: matmul_peak(dtype) for precision, dtype in DTYPES.items()}
+        figures = {f"{precision}_matmul_gflops_per_s": peak / 1e9 for precision, peak in peaks.items()}
+        report(figures)
+        results |= figures
+        for name in args.configs.split(","):
+            steps = args.tiny_steps if name == "tiny" else args.base_steps
+            figures = bench_config(name, args.rounds, steps, peaks, interleave=name == "tiny")
+            report(figures)
+            results |= figures
+        results["fp32_matmul_gflops_per_s_after"] = matmul_peak(torch.float32) / 1e9
+        report({"fp32_matmul_gflops_per_s_after": results["fp32_matmul_gflops_per_s_after"]})
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -231,3 +231,50 @@ def test_smoke_flops_follow_the_mixture(smoke_report):
     flops, weights = torch.tensor([4.0, 8.0, 100.0], dtype=torch.float64), torch.tensor([1.0, 3.0, 0.0])
     assert smoke_report.combined_flops(flops, weights, "sample") == pytest.approx(7.0)  # one task a step, by weight
     assert smoke_report.combined_flops(flops, weights, "sum") == pytest.approx(12.0)  # every weighted task a step
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it_and_the_model_is_large(monkeypatch, tmp_path):
+    import opt.devices as devices
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    assert devices.cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512f", "avx512_bf16"}  # the first processor's
+    assert devices.cpu_flags(tmp_path / "absent") == set()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512f"})  # bf16 emulated: never
+    assert devices.auto_precision(cpu, 10**9) == "fp32"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert devices.auto_precision(cpu, 10**9) == "bf16"
+    assert devices.auto_precision(cpu, 3_500_000) == "fp32"  # the tiny model: bf16 cost it time
+    assert devices.inference_dtype(cpu) == torch.float32  # no model: fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert devices.auto_precision(torch.device("cuda"), 1000) == "bf16"
+
+
+def test_train_precision_auto_is_resolved_and_recorded(monkeypatch, capsys):
+    import opt.devices as devices
+    from opt.config import load_config
+    from opt.engine.model_setup import resolve_precision
+    from opt.model.opt_model import ModelSpec, OPTModel
+
+    config = load_config("configs/tiny.yaml", ["train.precision=auto"])
+    model = OPTModel(ModelSpec.from_config(config))
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx512_bf16"})
+    resolved = resolve_precision(config, model, torch.device("cpu"))
+    assert resolved.train.precision == "fp32" and config.train.precision == "auto"
+    assert "train.precision=auto: fp32 for 3.5 M trainable parameters on cpu" in capsys.readouterr().err
+    monkeypatch.setattr(devices, "CPU_BF16_MIN_PARAMETERS", 1_000_000)
+    assert resolve_precision(config, model, torch.device("cpu")).train.precision == "bf16"
+    fixed = load_config("configs/tiny.yaml", ["train.precision=fp32"])
+    assert resolve_precision(fixed, model, torch.device("cpu")) is fixed
+
+
+def test_importing_opt_makes_openmp_threads_wait_passively_unless_the_environment_says_otherwise():
+    script = "import os, opt; print(os.environ['OMP_WAIT_POLICY'])"
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    default = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+    chosen = subprocess.run([sys.executable, "-c", script], env=environment | {"OMP_WAIT_POLICY": "ACTIVE"},
+                            capture_output=True, text=True)
+    assert (default.stdout.strip(), chosen.stdout.strip()) == ("PASSIVE", "ACTIVE")

@@ -106,7 +106,7 @@ def test_frozen_parameters_stay_fixed_and_hold_no_optimizer_state(pretrained, fi
     assert in_groups == {id(p) for n, p in named.items() if n not in frozen}
     assert {id(p) for p in optimizer.state} == in_groups
     contrastive = trainer.mixture.stateful["contrastive"]
-    momentum_image = dict(contrastive.momentum_encoders["image"].named_parameters())
+    momentum_image = dict(contrastive.momentum_encoders["image"].named_buffers())
     for name, parameter in trainer.model.encoders["image"].named_parameters():
         torch.testing.assert_close(momentum_image[name], parameter)  # the EMA of a fixed encoder is that encoder
     momentum_text = contrastive.momentum_encoders["text"].project.weight

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from opt.config import load_config
 from opt.data.pipeline import BatchLoader
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.tasks.base import select_positions
-from opt.tasks.mixture import TaskMixture
+from opt.tasks.mixture import TaskMixture, TrainingForward
 from opt.tasks.modality_level import drop_modalities
 from opt.tasks.sample_level import itm_assignment
 from opt.tasks.token_level import mask_text_ids, ordinary_ids, same_utterance_logits
@@ -210,6 +212,52 @@ def test_contrastive_state_includes_momentum_encoders_and_queues(small_setup):
     task(model, batch, mixture.generators)
     assert int(task.queue_pointer) == 8 and int(task.queue_filled) == 8
     assert not torch.equal(before[:8], task.queue_image[:8]) and torch.equal(before[8:], task.queue_image[8:])
+
+
+def test_momentum_encoders_are_buffers_run_beside_the_model_never_in_it(small_setup, monkeypatch):
+    """The momentum copies hold no parameters (nothing trains them, ZeRO-3 never partitions them),
+    their embeddings equal the online ones while the weights are equal, and the model keeps its own
+    encoders throughout the task (no swapping)."""
+    config, model, batch = small_setup
+    mixture = TaskMixture(load_config("configs/tiny.yaml", SMALL + ["tasks.momentum=1.0"]), model)
+    task = mixture.task("contrastive")
+    assert not list(task.parameters()) and len(list(task.momentum_encoders.buffers())) > 0
+    online_encoders = model.encoders
+    seen = []
+    original = type(model).encode_unimodal
+
+    def watched(self, *args, **kwargs):
+        seen.append(self.encoders is online_encoders)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "encode_unimodal", watched)
+    model.eval()
+    keys = task._momentum_embeddings(model, batch)
+    queries = model.tower_embeddings(model.encode_unimodal(batch))
+    for modality in keys:  # momentum 1.0 keeps the copies equal to the online weights
+        torch.testing.assert_close(keys[modality], queries[modality])
+    output = task(model, batch, mixture.generators)
+    model.train()
+    assert seen and all(seen)
+    assert all(isinstance(value, torch.Tensor) and not value.requires_grad for value in output.metrics.values())
+
+
+def test_training_forward_is_the_whole_step_and_reads_older_checkpoints(small_setup):
+    """One module runs the mixture on the model; a state dict of the model alone (the layout of
+    checkpoints before the mixture joined the engine's module) loads into it, tasks' state untouched."""
+    config, model, batch = small_setup
+    model = copy.deepcopy(model)  # the fixture's model stays as it was
+    mixture = TaskMixture(config, model)
+    forward = TrainingForward(model, mixture)
+    loss, metrics = forward(batch, 0)
+    assert loss.requires_grad and len(metrics) == 1 and set(metrics) <= set(mixture.names)  # one task: sample mode
+    assert {name for name, _ in forward.named_parameters()} == {f"model.{name}" for name, _ in model.named_parameters()}
+    older = {name: torch.full_like(value, 0.5) if value.is_floating_point() else value
+             for name, value in model.state_dict().items()}
+    queue = mixture.task("contrastive").queue_text.clone()
+    forward.load_state_dict(older)
+    assert torch.equal(model.cross.cls, torch.full_like(model.cross.cls, 0.5))
+    assert torch.equal(mixture.task("contrastive").queue_text, queue)
 
 
 def test_contrastive_aligns_only_the_configured_pairs(small_setup):

@@ -145,7 +145,7 @@ def run_caption(args: argparse.Namespace) -> None:
     parse_inputs(inputs)
     read = DataStats()
     loaded = load_from_args(args)
-    with inference_autocast(loaded.device):
+    with inference_autocast(loaded.device, loaded.model):
         captions = caption_split(loaded, args.data, inputs, beam=args.beam, limit=args.limit,
                                  batch_size=args.batch_size, stats=read)
     _write_captions(captions, args.out, read)
@@ -168,7 +168,7 @@ def _caption_files(args: argparse.Namespace) -> None:
     loaded = load_from_args(args)
     read = DataStats()
     batches = file_batches(loaded, files, modality, batch_size=args.batch_size, stats=read)
-    with inference_autocast(loaded.device):
+    with inference_autocast(loaded.device, loaded.model):
         captions = caption_batches(loaded, batches, modality, beam=args.beam)
     _write_captions(captions, args.out, read)
 
@@ -228,7 +228,7 @@ def run_generate(args: argparse.Namespace) -> None:
     loaded = load_from_args(args)
     repeated = [p for p in prompts for _ in range(args.n)]
     batch = prompt_batch(loaded, repeated, [audio] * len(repeated) if audio is not None else None)
-    with inference_autocast(loaded.device):
+    with inference_autocast(loaded.device, loaded.model):
         images = generate_images(loaded, batch, decoding=args.decoding, steps=args.steps, guidance=args.guidance,
                                  candidates=args.candidates, seed=args.seed, batch_size=args.batch_size)
     paths = save_generations(images, prompts, args.out, samples=args.n)
@@ -259,12 +259,12 @@ def run_retrieve(args: argparse.Namespace) -> None:
     directions = _directions(args)
     needed = [m for m in MODALITIES if any(m in (*query, target) for query, target in directions.values())]
     loaded = load_from_args(args)
-    with inference_autocast(loaded.device):
+    with inference_autocast(loaded.device, loaded.model):
         split = encode_split(loaded, args.data, modalities=needed, limit=args.limit, batch_size=args.batch_size)
     results: dict = {"data": split.data_stats.as_dict()}
     print(f"data: {describe_counts(results['data'])}")
     for name, (query, target) in directions.items():
-        with inference_autocast(loaded.device):
+        with inference_autocast(loaded.device, loaded.model):
             results[name] = retrieve(loaded, split, query, target, rerank_k=args.rerank_k,
                                      caption_likelihood=args.caption_likelihood, batch_size=args.batch_size)
         _print_metrics(f"{name} (n={results[name]['n']})", results[name])
@@ -295,7 +295,7 @@ def run_embed(args: argparse.Namespace) -> None:
         batches = file_batches(loaded, files, modality, batch_size=args.batch_size, stats=read)
     else:
         batches = input_batches(loaded, texts, ["text"], batch_size=args.batch_size, stats=read)
-    with inference_autocast(loaded.device):
+    with inference_autocast(loaded.device, loaded.model):
         index = embed_batches(loaded, batches, modality)
     save_index(index, args.out)
     print(f"data: {describe_counts(read.as_dict())}")
@@ -325,7 +325,7 @@ def run_search(args: argparse.Namespace) -> None:
     modality, key, payload = _query(args)
     loaded = load_from_args(args)
     check_model_fits(loaded, index, args.index)
-    with inference_autocast(loaded.device):
+    with inference_autocast(loaded.device, loaded.model):
         query = embed_query(loaded, modality, payload, key=key)
     hits = search(index, query, k=args.k)
     if args.json:

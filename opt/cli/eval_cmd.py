@@ -55,7 +55,7 @@ def run_eval(args: argparse.Namespace) -> None:
                             guidance=args.guidance, candidates=args.candidates, seed=args.seed,
                             with_meteor=args.meteor)
     loaded = load_from_args(args)
-    with inference_autocast(loaded.device):
+    with inference_autocast(loaded.device, loaded.model):
         results = evaluate_directory(loaded, args.data, args.out, settings=settings, name=args.name, curves=curves,
                                      model_name=Path(args.model).name)
     if args.card:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
@@ -96,13 +97,48 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every process when ``flag`` is True on any (one all-reduce; needs the process group)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)])
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+def any_rank(flag: bool | torch.Tensor) -> bool:
+    """True on every process when ``flag`` is true on any: one all-reduce of a flag, on the device
+    the process group communicates from (NCCL: this process's GPU), and the only value a training
+    step reads back from the device."""
+    value = torch.as_tensor(flag).reshape(1).to(torch.int32)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_backend() == "nccl":
+            value = value.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
+
+
+def gathered(parameters):
+    """Context in which ``parameters`` can be read whole: ZeRO-3 partitioned ones are gathered
+    (read-only; released on exit), whole ones are left as they are. Outside a forward only:
+    inside the engine's forward ZeRO-3 may be fetching the same parameters (use :func:`whole_values`)."""
+    parameters = list(parameters)
+    if any(hasattr(p, "ds_id") for p in parameters):
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def whole_values(parameters) -> list[torch.Tensor]:
+    """The full values of ``parameters`` (detached), safe inside the engine's forward. Whole
+    parameters are returned as they are; ZeRO-3 partitioned ones are rebuilt from every rank's
+    partition (``ds_tensor``, the same padded size on each rank) with one all-gather for them all,
+    outside ZeRO-3's own fetching, which may have the same parameters in flight."""
+    parameters = list(parameters)
+    partitioned = [p for p in parameters if hasattr(p, "ds_tensor")]
+    if not partitioned:
+        return [p.detach() for p in parameters]
+    local = torch.cat([p.ds_tensor.detach().reshape(-1) for p in partitioned])
+    world = torch.distributed.get_world_size()
+    everyone = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+    torch.distributed.all_gather_into_tensor(everyone, local)
+    everyone = everyone.view(world, -1)
+    values, offset = {}, 0
+    for p in partitioned:
+        size = p.ds_tensor.numel()
+        values[id(p)] = everyone[:, offset:offset + size].reshape(-1)[:p.ds_numel].view(p.ds_shape)
+        offset += size
+    return [values.get(id(p), p.detach()) for p in parameters]
 
 
 DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
@@ -139,11 +175,27 @@ def deepspeed_config(config: Config) -> dict:
     return merged
 
 
+def precision_unsupported(precision: str) -> str | None:
+    """Why DeepSpeed cannot train in ``precision`` on this process's device, or None when it can
+    (on a CPU, fp16 needs AVX512-FP16 or AMX-FP16, which many AVX-512 processors lack)."""
+    accelerator = get_accelerator()
+    supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}.get(precision)
+    if supported is None or supported():
+        return None
+    return (f"config key 'train.precision': {precision} is not supported by DeepSpeed on this machine's "
+            f"{accelerator.device_name()} device; use {'bf16 or ' if precision == 'fp16' and accelerator.is_bf16_supported() else ''}fp32")
+
+
 class DeepSpeedBackend:
     """Wraps a DeepSpeed engine: backward, step, checkpoints, parameter gathering."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: Config) -> None:
+        if config.train.precision == "auto":
+            raise ValueError("train.precision is auto: resolve it first (opt.engine.model_setup.resolve_precision)")
         self.config = deepspeed_config(config)
+        unsupported = precision_unsupported(config.train.precision)
+        if unsupported:
+            raise ConfigError(unsupported)
         self.torch_optimizer = optimizer  # what DeepSpeed's optimizer (self.optimizer) wraps, or is
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
@@ -168,11 +220,9 @@ class DeepSpeedBackend:
         """True on every process when ``flag`` is True on any."""
         return any_rank(flag)
 
-    def gather(self, parameters):
-        """Context in which ZeRO-3 partitioned ``parameters`` are whole (a no-op below stage 3)."""
-        if self.stage == 3:
-            return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
-        return contextlib.nullcontext()
+    def forward(self, batch: dict, step: int):
+        """The wrapped module's forward through the engine (DeepSpeed's hooks: ZeRO-3 gathers)."""
+        return self.engine(batch, step)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch. Every rank must run it, finite loss or not: ZeRO reduces
@@ -182,14 +232,15 @@ class DeepSpeedBackend:
         if not boundary:
             self.engine.step()  # DeepSpeed counts micro-batches in step(), which updates only at a boundary
 
-    def gradient_norm(self) -> float | None:
-        """The norm of this rank's reduced gradients, after the last micro-batch's backward, where
-        DeepSpeed steps the torch optimizer directly (fp32 without ZeRO). None where DeepSpeed's
-        own optimizer measures it in :meth:`step` and skips a non-finite step itself."""
+    def gradient_norm(self) -> torch.Tensor | None:
+        """The norm of this rank's reduced gradients (a 0-d tensor on their device), after the last
+        micro-batch's backward, where DeepSpeed steps the torch optimizer directly (fp32 without
+        ZeRO). None where DeepSpeed's own optimizer measures it in :meth:`step` and skips a
+        non-finite step itself."""
         if self.optimizer is not self.torch_optimizer:
             return None
         gradients = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(gradients)) if gradients else 0.0
+        return torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
 
     def step(self, *, update: bool = True) -> bool:
         """The optimizer step at the end of an accumulation; returns whether it changed the weights
@@ -261,11 +312,25 @@ def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
 
 
 def fp32_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint of any ZeRO stage (ZeRO partitions are merged).
+    """The model's full fp32 weights in a checkpoint of any ZeRO stage (ZeRO partitions are merged),
+    keyed as the model names them: the engine's module is the whole training forward
+    (:class:`~opt.tasks.mixture.TrainingForward`), whose ``model.`` prefix is dropped and whose
+    task state (``mixture.``) is left out; older checkpoints, which hold the model alone, read alike.
 
     Frozen parameters (``train.freeze``) are in no optimizer shard. DeepSpeed keeps its own
     copy of them under ZeRO-2 and 3 only; under ZeRO-1 they come from the module's states,
     which stages 0-2 save whole (frozen parameters never change, so that copy is exact)."""
+    return model_weights(_module_fp32_state_dict(directory))
+
+
+def model_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's entries of a training forward's state dict (or of an older, model-only one)."""
+    if not any(key.startswith("model.") for key in state):
+        return state
+    return {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
+
+
+def _module_fp32_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     state = Path(directory) / TAG
     files = sorted(state.glob("mp_rank_*_model_states.pt"))  # ZeRO-3 names its files zero_pp_rank_*
     with weights_only_loads():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from opt.config import Config, ModelConfig, to_dict
+from opt.config import Config, ModelConfig, Precision, to_dict
+from opt.devices import auto_precision
 from opt.errors import UserError
 from opt.logs import info, warn
 from opt.model.opt_model import ModelSpec, OPTModel
@@ -105,3 +106,22 @@ def build_model(config: Config, run: Path) -> tuple[Config, Tokenizer, OPTModel]
     warn_model_differences(config.model, model.spec.model, directory)
     info(f"train.init_from: weights, tokenizer and VQ tokenizer from {directory}")
     return initial_config(config, model.spec, run, tokenizer_path.name), tokenizer, model
+
+
+def resolve_precision(config: Config, model: torch.nn.Module, device: torch.device) -> Config:
+    """``config`` with ``train.precision: auto`` replaced by what :func:`opt.devices.auto_precision`
+    picks for ``model``'s trainable parameters on ``device`` (the run's saved config records it)."""
+    if config.train.precision != Precision.auto:
+        return config
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    chosen = Precision(auto_precision(device, trainable))
+    info(f"train.precision=auto: {chosen} for {trainable / 1e6:.1f} M trainable parameters on {device.type}")
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, precision=chosen))
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """``torch.compile`` the model's networks in place (each single-modal encoder, the cross-modal
+    encoder, both decoders): parameter names and state dicts stay as they are, and the task logic
+    that calls them stays eager."""
+    for module in [*model.encoders.values(), model.cross, model.text_decoder, model.image_decoder]:
+        module.compile()

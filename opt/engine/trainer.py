@@ -36,6 +36,7 @@ import json
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ from opt.config import Config, save_config
 from opt.data.batch import to_device
 from opt.data.pipeline import BatchLoader, DataStats
 from opt.engine import checkpoints
-from opt.engine.deepspeed_backend import DeepSpeedBackend, any_rank, init_distributed
+from opt.engine.deepspeed_backend import DeepSpeedBackend, any_rank, init_distributed, whole_values
 from opt.engine.run_lock import SIGNAL_EXIT_CODES, RunLock, StopSignals
 from opt.engine.schedule import warmup_decay
 from opt.errors import UserError
@@ -54,8 +55,8 @@ from opt.files import write_atomic
 from opt.logs import info, warn
 from opt.model.opt_model import OPTModel
 from opt.model.vq import save_vq
-from opt.engine.model_setup import SPEC_NAME, build_model, freeze_parameters
-from opt.tasks.mixture import TaskMixture
+from opt.engine.model_setup import SPEC_NAME, build_model, compile_model, freeze_parameters, resolve_precision
+from opt.tasks.mixture import TaskMixture, TrainingForward
 from opt.text.tokenizer import save_tokenizer
 
 
@@ -94,6 +95,65 @@ def build_optimizer(model: torch.nn.Module, config: Config):
     return optimizer, scheduler
 
 
+def build_engine(config: Config, model: OPTModel) -> DeepSpeedBackend:
+    """The DeepSpeed engine around the whole training forward (:class:`TrainingForward`: the task
+    mixture run on ``model``, momentum encoders included), with the trainer's optimizer and schedule
+    (``train.precision`` must be resolved: not auto).
+
+    DeepSpeed casts the module it wraps to the training precision; the tasks' state (momentum
+    encoders and queues) is put back in fp32 exactly as built: an EMA step of 0.5% of a weight is
+    below bf16's resolution."""
+    mixture = TaskMixture(config, model, whole=whole_values)  # copies the momentum encoders: before compiling
+    task_state = {key: value.clone() for key, value in mixture.state_dict().items()}
+    if config.train.compile:
+        compile_model(model)
+    optimizer, scheduler = build_optimizer(model, config)
+    backend = DeepSpeedBackend(TrainingForward(model, mixture), optimizer, scheduler, config)
+    backend.module.mixture.float().load_state_dict(task_state)
+    return backend
+
+
+def precision_autocast(device: torch.device, precision: str):
+    """The autocast of a training precision (a bf16 or fp16 engine holds its weights in that
+    type, so every forward, validation included, runs under it)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@dataclass
+class StepOutcome:
+    applied: bool  # the update changed the weights
+    finite: bool  # every rank's losses and gradient norm were finite
+    losses: list[torch.Tensor]  # this rank's micro-batch losses (detached)
+    norm: torch.Tensor | None  # this rank's gradient norm where the guard measures it
+    micro_batches: list[tuple[dict, int]]  # each micro-batch's metrics and samples over all ranks
+
+
+def optimizer_step(backend: DeepSpeedBackend, micro_batches, step: int, autocast) -> StepOutcome:
+    """One optimizer step of the training forward over ``micro_batches`` (device batches), under
+    the non-finite guard; the task mixture commits or rolls back its state with it. Nothing is read
+    back from the device but the agreed finiteness flag (one all-reduce)."""
+    mixture: TaskMixture = backend.module.mixture
+    losses, records = [], []
+    for batch in micro_batches:
+        with autocast:
+            loss, metrics = backend.forward(batch, step)
+        losses.append(loss.detach().float())
+        backend.backward(loss)  # a non-finite loss too: the other ranks wait for its gradients
+        records.append((metrics, len(batch["keys"]) * backend.world_size))
+    norm = backend.gradient_norm()
+    finite_here = torch.isfinite(torch.stack(losses)).all()
+    if norm is not None:
+        finite_here = finite_here & torch.isfinite(norm).to(finite_here.device)
+    finite = not backend.any_rank(~finite_here)
+    applied = backend.step(update=finite)
+    if applied:
+        mixture.commit()
+    else:
+        mixture.roll_back()
+    return StepOutcome(applied, finite, losses, norm, records)
+
+
 def data_record(stats: DataStats) -> dict[str, int]:
     """The loader's counts for ``metrics.jsonl``: samples used, skipped in all and by reason."""
     skipped = stats.skipped
@@ -102,15 +162,16 @@ def data_record(stats: DataStats) -> dict[str, int]:
 
 
 class MetricWindow:
-    """Means of the per-task metrics and the throughput since the last record."""
+    """Means of the per-task metrics and the throughput since the last record. The metrics are
+    summed as tensors where they were computed and read once, when the record is written."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.samples = 0
         self.start = time.perf_counter()
 
-    def add(self, metrics: dict[str, dict[str, float]], samples: int) -> None:
+    def add(self, metrics: dict[str, dict[str, torch.Tensor]], samples: int) -> None:
         self.samples += samples
         for task, values in metrics.items():
             for name, value in values.items():
@@ -119,7 +180,7 @@ class MetricWindow:
                 self.counts[key] = self.counts.get(key, 0) + 1
 
     def means(self) -> dict[str, float]:
-        return {key: total / self.counts[key] for key, total in self.sums.items()}
+        return {key: float(total) / self.counts[key] for key, total in self.sums.items()}
 
     def samples_per_second(self) -> float:
         return self.samples / max(time.perf_counter() - self.start, 1e-9)
@@ -136,16 +197,12 @@ class Trainer:
         self.lock = self._lock_run_directory()
         torch.manual_seed(config.train.seed)
         config, self.tokenizer, model = build_model(config, self.run)
-        self.config = config
         freeze_parameters(model, config.train.freeze)
-        self.mixture = TaskMixture(config, model)
-        optimizer, scheduler = build_optimizer(model, config)
-        self.backend = DeepSpeedBackend(model, optimizer, scheduler, config)
+        self.config = config = resolve_precision(config, model, self.device)
+        self.backend = build_engine(config, model)
         self.checkpoints = checkpoints.CheckpointStore(run, self.backend, keep=config.train.keep_checkpoints)
-        self.model: OPTModel = self.backend.module
-        self.mixture.to(self.device)
-        for task in self.mixture.stateful.values():
-            task.gather_online = self.backend.gather
+        self.model: OPTModel = self.backend.module.model
+        self.mixture: TaskMixture = self.backend.module.mixture
         self.step = 0
         self.consumed = 0  # batches taken from the data stream
         self.nonfinite = {"in_a_row": 0, "total": 0}
@@ -183,8 +240,7 @@ class Trainer:
     def _client_state(self) -> dict:
         return {
             "step": self.step, "consumed": self.consumed, "nonfinite": dict(self.nonfinite),
-            "mixture": {k: v.cpu() for k, v in self.mixture.state_dict().items()},
-            "mixture_extra": self.mixture.extra_state(),
+            "mixture_extra": self.mixture.extra_state(),  # its tensors are in the module's state
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -196,7 +252,8 @@ class Trainer:
         """Apply a checkpoint's client state (DeepSpeed has loaded its own part)."""
         self.step, self.consumed = state["step"], state["consumed"]
         self.nonfinite = dict(state["nonfinite"])
-        self.mixture.load_state_dict(state["mixture"])
+        if "mixture" in state:  # older checkpoints kept the tasks' tensors here
+            self.mixture.load_state_dict(state["mixture"])
         self.mixture.load_extra_state(state["mixture_extra"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -234,10 +291,7 @@ class Trainer:
         return batches
 
     def _autocast(self):
-        """The training precision's autocast (a bf16 or fp16 engine holds its weights in that type,
-        so every forward, validation included, runs under it)."""
-        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.precision)
-        return torch.autocast(self.device.type, dtype=precision or torch.float32, enabled=precision is not None)
+        return precision_autocast(self.device, self.config.train.precision)
 
     def validate(self, batches: list[dict]) -> dict[str, float]:
         """Per-task validation metrics, keyed ``val/TASK/METRIC``."""
@@ -269,7 +323,6 @@ class Trainer:
         writer = SummaryWriter(str(self.run / "tensorboard")) if self.is_main else None
         bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main))
         window = MetricWindow()
-        last_loss: dict[str, float] = {}
         record: dict = {}
         while self.step < config.steps:
             trained = self._train_step(batches)
@@ -280,13 +333,14 @@ class Trainer:
             bar.update()
             for metrics, samples in micro_batches:
                 window.add(metrics, samples)
-                last_loss |= {task: values["loss"] for task, values in metrics.items()}
-            bar.set_postfix({t: f"{v:.3f}" for t, v in last_loss.items()}
-                            | {"samples/s": f"{window.samples_per_second():.1f}"}, refresh=False)
             if self.step % config.log_every == 0 or self.step == config.steps:
+                means = window.means()
                 record = {"step": self.step, "lr": self.backend.scheduler.get_last_lr()[0],
-                          "samples_per_s": window.samples_per_second(), "loss": loss,
-                          "nonfinite_steps": self.nonfinite["total"]} | window.means()
+                          "samples_per_s": window.samples_per_second(), "loss": float(loss),
+                          "nonfinite_steps": self.nonfinite["total"]} | means
+                bar.set_postfix({key.removesuffix("/loss"): f"{value:.3f}" for key, value in means.items()
+                                 if key.endswith("/loss")} | {"samples/s": f"{record['samples_per_s']:.1f}"},
+                                refresh=False)
                 record |= data_record(loader.stats)
                 if self.backend.loss_scale() is not None:
                     record["loss_scale"] = self.backend.loss_scale()
@@ -306,28 +360,21 @@ class Trainer:
         self._close(bar, writer, loader)
         return record
 
-    def _train_step(self, batches) -> tuple[float, list[tuple[dict, int]]] | None:
+    def _train_step(self, batches) -> tuple[torch.Tensor, list[tuple[dict, int]]] | None:
         """One optimizer step over ``train.accumulation`` micro-batches: returns the last loss and
         each micro-batch's metrics and sample count (all ranks), or None when the step was skipped."""
-        losses = []
-        micro_batches = []
-        for _ in range(self.config.train.accumulation):
-            batch = to_device(next(batches), self.device)
-            self.consumed += 1
-            with self._autocast():
-                loss, metrics = self.mixture(self.model, batch, self.step)
-            losses.append(loss.item())
-            self.backend.backward(loss)  # a non-finite loss too: the other ranks wait for its gradients
-            micro_batches.append((metrics, len(batch["keys"]) * self.backend.world_size))
-        norm = self.backend.gradient_norm()
-        finite_here = all(map(math.isfinite, losses)) and (norm is None or math.isfinite(norm))
-        finite = not self.backend.any_rank(not finite_here)
-        if self.backend.step(update=finite):
-            self.mixture.commit()
+        def micro_batches():
+            for _ in range(self.config.train.accumulation):
+                batch = to_device(next(batches), self.device)
+                self.consumed += 1
+                yield batch
+
+        outcome = optimizer_step(self.backend, micro_batches(), self.step, self._autocast())
+        if outcome.applied:
             self.nonfinite["in_a_row"] = 0
-            return losses[-1], micro_batches
-        self.mixture.roll_back()
-        self._nonfinite(_what_was_not_finite(losses, norm, finite))
+            return outcome.losses[-1], outcome.micro_batches
+        norm = None if outcome.norm is None else float(outcome.norm)
+        self._nonfinite(_what_was_not_finite([float(value) for value in outcome.losses], norm, outcome.finite))
         return None
 
     def _close(self, bar: tqdm, writer: SummaryWriter | None, loader: BatchLoader) -> None:

@@ -202,22 +202,25 @@ class OPTModel(nn.Module):
     # -- encoding -------------------------------------------------------------------------------
 
     def encode_unimodal(self, batch: dict, *, modalities=MODALITIES, text_ids: torch.Tensor | None = None,
-                        hide_patches: torch.Tensor | None = None,
-                        hide_frames: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
+                        hide_patches: torch.Tensor | None = None, hide_frames: torch.Tensor | None = None,
+                        encoders: nn.ModuleDict | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Run the single-modal encoders on the modalities present in ``batch``.
 
         ``text_ids`` replaces the batch's ids (masked language modelling);
         ``hide_patches`` (b, n) and ``hide_frames`` (b, frames) hide image
-        patches and audio frames behind mask embeddings.
+        patches and audio frames behind mask embeddings. ``encoders`` runs other
+        encoders of the same architecture in place of the model's own (the contrastive
+        task's momentum copies).
         """
+        encoders = self.encoders if encoders is None else encoders
         out = {}
         if "text" in modalities and "text" in batch:
             ids = batch["text"]["ids"] if text_ids is None else text_ids
-            out["text"] = self.encoders["text"](ids, batch["text"]["mask"])
+            out["text"] = encoders["text"](ids, batch["text"]["mask"])
         if "image" in modalities and "image" in batch:
-            out["image"] = self.encoders["image"](batch["image"]["pixels"], hidden=hide_patches)
+            out["image"] = encoders["image"](batch["image"]["pixels"], hidden=hide_patches)
         if "audio" in modalities and "audio" in batch:
-            out["audio"] = self.encoders["audio"](*_audio_input(batch), hidden=hide_frames)
+            out["audio"] = encoders["audio"](*_audio_input(batch), hidden=hide_frames)
         for modality, result in out.items():  # a modality absent from a sample contributes no tokens
             present = batch[modality]["present"].to(result["mask"].device)
             result["mask"] = result["mask"] & present[:, None]
@@ -231,9 +234,11 @@ class OPTModel(nn.Module):
         """Cross-modal encoding of the given subset of modalities."""
         return self.cross({m: unimodal[m] for m in MODALITIES if m in modalities and m in unimodal})
 
-    def tower_embeddings(self, unimodal: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """L2-normalised two-tower embeddings (b, dim) per modality."""
-        return {m: F.normalize(self.towers[m](out["pooled"]), dim=-1) for m, out in unimodal.items()}
+    def tower_embeddings(self, unimodal: dict[str, dict[str, torch.Tensor]], *,
+                         towers: nn.ModuleDict | None = None) -> dict[str, torch.Tensor]:
+        """L2-normalised two-tower embeddings (b, dim) per modality (``towers``: others in place of the model's)."""
+        towers = self.towers if towers is None else towers
+        return {m: F.normalize(towers[m](out["pooled"]), dim=-1) for m, out in unimodal.items()}
 
     def match_logits(self, unimodal: dict[str, dict[str, torch.Tensor]], fused: dict) -> torch.Tensor:
         """5-way matching logits (b, 5) from the fused [CLS] and the pairwise two-tower cosines.

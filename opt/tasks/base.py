@@ -27,7 +27,9 @@ class TaskGenerators:
 @dataclass
 class TaskOutput:
     loss: torch.Tensor  # scalar
-    metrics: dict[str, float] = field(default_factory=dict)  # loss and accuracies as floats
+    # loss and accuracies as detached 0-d tensors: nothing waits for their values until the
+    # trainer logs them (a ``.item()`` per metric per step would stall a GPU once per metric)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def uniform(shape, generator: torch.Generator) -> torch.Tensor:
@@ -40,13 +42,15 @@ def select_positions(valid: torch.Tensor, rate: float, generator: torch.Generato
     that has any; returns a bool mask of the same shape."""
     scores = uniform(valid.shape, generator).to(valid.device)
     chosen = (scores < rate) & valid
-    # rows where nothing was drawn get their valid position with the lowest score
+    # rows where nothing was drawn get their valid position with the lowest score (computed for
+    # every row and applied where needed: no branch on the tensors' values, so no device sync)
     empty = ~chosen.any(dim=1) & valid.any(dim=1)
-    if empty.any():
-        lowest = scores.masked_fill(~valid, 2.0).argmin(dim=1)
-        chosen[empty, lowest[empty]] = True
-    return chosen
+    lowest = scores.masked_fill(~valid, 2.0).argmin(dim=1, keepdim=True)
+    return chosen | (torch.zeros_like(chosen).scatter_(1, lowest, True) & empty[:, None])
 
 
-def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == targets).float().mean()) if targets.numel() else 0.0
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The fraction of rows whose largest logit is the target, as a detached 0-d tensor (0 when empty)."""
+    if not targets.numel():
+        return torch.zeros((), device=logits.device)
+    return (logits.detach().argmax(-1) == targets).float().mean()

@@ -25,15 +25,16 @@ from opt.config import GENERATION_CONDITIONS, TASK_NAMES, Config
 from opt.model.opt_model import OPTModel
 from opt.tasks.base import TaskGenerators, TaskOutput
 from opt.tasks.modality_level import ImageDecoding, TextDecoding
-from opt.tasks.sample_level import ContrastiveAlignment, ImageTextAudioMatching
+from opt.tasks.sample_level import ContrastiveAlignment, ImageTextAudioMatching, whole
 from opt.tasks.token_level import MaskedAudioModeling, MaskedLanguageModeling, MaskedVisionModeling
 
 NEEDS = {"mlm": {"text"}, "mvm": {"image"}, "mam": {"audio"}, "text_decoding": {"text"}, "image_decoding": {"image"},
          "itm": {"text", "image", "audio"}, "contrastive": set()}
 
 
-def build_tasks(config: Config, model: OPTModel) -> dict:
-    """The tasks with a positive weight in ``tasks.weights`` or in a phase, keyed by name."""
+def build_tasks(config: Config, model: OPTModel, *, whole=whole) -> dict:
+    """The tasks with a positive weight in ``tasks.weights`` or in a phase, keyed by name
+    (``whole``: see :class:`~opt.tasks.sample_level.ContrastiveAlignment`)."""
     settings = config.tasks
     factories = {
         "mlm": lambda: MaskedLanguageModeling(settings),
@@ -42,7 +43,7 @@ def build_tasks(config: Config, model: OPTModel) -> dict:
         "text_decoding": lambda: TextDecoding(settings, label_smoothing=config.model.text_decoder.label_smoothing),
         "image_decoding": lambda: ImageDecoding(settings),
         "itm": lambda: ImageTextAudioMatching(settings),
-        "contrastive": lambda: ContrastiveAlignment(settings, model),
+        "contrastive": lambda: ContrastiveAlignment(settings, model, whole=whole),
     }
     enabled = set(config.data.modalities)
     used = {name for weights in [settings.weights] + [p.weights for p in settings.phases]
@@ -53,10 +54,11 @@ def build_tasks(config: Config, model: OPTModel) -> dict:
 class TaskMixture(nn.Module):
     """Runs the tasks; a module so the contrastive task's state travels with it."""
 
-    def __init__(self, config: Config, model: OPTModel, *, rank: int | None = None) -> None:
-        """``rank`` seeds the per-process mask generator (default: this process's distributed rank)."""
+    def __init__(self, config: Config, model: OPTModel, *, rank: int | None = None, whole=whole) -> None:
+        """``rank`` seeds the per-process mask generator (default: this process's distributed rank);
+        ``whole`` is how the contrastive task reads the online parameters' full values (ZeRO-3)."""
         super().__init__()
-        tasks = build_tasks(config, model)
+        tasks = build_tasks(config, model, whole=whole)
         if not tasks:
             raise ValueError("no pretext task is enabled for the configured modalities")
         self.names = list(tasks)
@@ -100,8 +102,9 @@ class TaskMixture(nn.Module):
         index = int(torch.multinomial(weights, 1, generator=self.generators.shared))
         return [self.names[index]]
 
-    def forward(self, model: OPTModel, batch: dict, step: int = 0) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
-        """Total loss of optimizer step ``step`` and metrics per task run."""
+    def forward(self, model: OPTModel, batch: dict,
+                step: int = 0) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+        """Total loss of optimizer step ``step`` and metrics per task run (detached tensors)."""
         total, metrics = None, {}
         weights, conditions = self.phase_at(step)
         for name in self.choose(step):
@@ -146,7 +149,7 @@ class TaskMixture(nn.Module):
                 for batch in batches:
                     for metric, value in self.task(name)(model, batch, generators).metrics.items():
                         key = f"{name}/{metric}"  # some metrics exist only for some draws (text decoding's sources)
-                        sums[key] = sums.get(key, 0.0) + value
+                        sums[key] = sums.get(key, 0.0) + float(value)
                         counts[key] = counts.get(key, 0) + 1
         finally:
             self.train(was_training[0])
@@ -161,3 +164,32 @@ class TaskMixture(nn.Module):
         """Also reads checkpoints that named the generators ``choice`` and ``mask``."""
         self.generators.shared.set_state(state["shared"] if "shared" in state else state["choice"])
         self.generators.local.set_state(state["local"] if "local" in state else state["mask"])
+
+
+class TrainingForward(nn.Module):
+    """The whole training forward, the one module the engine (DeepSpeed) wraps and calls:
+    ``forward(batch, step) -> (loss, metrics)`` runs the task mixture on the model. Its
+    parameters are the model's; the mixture adds the contrastive task's momentum encoders and
+    queues as buffers, so checkpoints hold them with the weights (``model.*``, ``mixture.*``).
+
+    Checkpoints written before the mixture joined the engine's module hold the model's weights
+    without the ``model.`` prefix and the mixture's state elsewhere: their keys are renamed on
+    load and the mixture's keys left as they are, for the caller to restore from where it was.
+    """
+
+    def __init__(self, model: OPTModel, mixture: TaskMixture) -> None:
+        super().__init__()
+        self.model = model
+        self.mixture = mixture
+        self.register_load_state_dict_pre_hook(self._older_layout)
+
+    def forward(self, batch: dict, step: int = 0) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+        return self.mixture(self.model, batch, step)
+
+    def _older_layout(self, module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        if any(key.startswith(prefix + "model.") for key in state_dict):
+            return
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+        for key, value in self.mixture.state_dict().items():
+            state_dict.setdefault(prefix + "mixture." + key, value)

@@ -80,7 +80,7 @@ class TextDecoding:
         keep = mask[:, 1:]
         loss = F.cross_entropy(logits[keep], targets[keep], label_smoothing=self.label_smoothing)
         token_accuracy = accuracy(logits[keep], targets[keep])
-        metrics = {"loss": loss.item(), "accuracy": token_accuracy,
+        metrics = {"loss": loss.detach(), "accuracy": token_accuracy,
                    f"accuracy_from_{'_'.join(sources)}": token_accuracy}
         return TaskOutput(loss, metrics)
 
@@ -115,6 +115,6 @@ class ImageDecoding:
         loss = F.cross_entropy(logits[predict], codes[predict])
         mode = "autoregressive" if autoregressive else "parallel"
         code_accuracy = accuracy(logits[predict], codes[predict])
-        metrics = {"loss": loss.item(), "accuracy": code_accuracy, f"loss_{mode}": loss.item(),
+        metrics = {"loss": loss.detach(), "accuracy": code_accuracy, f"loss_{mode}": loss.detach(),
                    f"accuracy_from_{'_'.join(sources)}": code_accuracy}
         return TaskOutput(loss, metrics)

@@ -25,7 +25,6 @@ mix the one-hot match with the momentum encoders' own similarity distribution
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -85,48 +84,68 @@ class ImageTextAudioMatching:
         logits = model.match_logits(unimodal, model.fuse(unimodal)).float()
         labels = labels.to(logits.device)
         loss = F.cross_entropy(logits, labels)
-        binary = float(((logits.argmax(-1) == 0) == (labels == 0)).float().mean())
-        return TaskOutput(loss, {"loss": loss.item(), "accuracy": accuracy(logits, labels),
+        binary = ((logits.detach().argmax(-1) == 0) == (labels == 0)).float().mean()
+        return TaskOutput(loss, {"loss": loss.detach(), "accuracy": accuracy(logits, labels),
                                  "matched_vs_not_accuracy": binary})
 
 
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` computing the same function, with every parameter turned into a
+    buffer of the same name: it is never trained, and never partitioned by ZeRO-3 (which
+    partitions parameters only), so each process keeps it whole, as an EMA needs."""
+    copied = copy.deepcopy(module)
+    for part in copied.modules():
+        for name, parameter in list(part._parameters.items()):
+            if parameter is not None:
+                del part._parameters[name]
+                part.register_buffer(name, parameter.detach().clone())
+    return copied
+
+
+def whole(parameters) -> list[torch.Tensor]:
+    """The default way to read the online parameters' values: they are whole already (see ``whole``)."""
+    return [p.detach() for p in parameters]
+
+
 class ContrastiveAlignment(nn.Module):
-    """Owns the momentum encoders, towers and queues (all part of its state_dict)."""
+    """Owns the momentum encoders, towers and queues (all buffers of its state_dict).
+
+    The momentum encoders and towers are modules of their own (:func:`frozen_copy` of the
+    online ones) that the model's encoding code runs in place of its own
+    (``encode_unimodal(encoders=...)``); nothing is swapped into the model. ``whole`` maps the
+    online parameters to their full values (the engine passes one that rebuilds ZeRO-3
+    partitions; the default reads them as they are). The
+    engine keeps the momentum copies and queues in fp32 whatever the training precision: an
+    EMA step of 0.5% of a weight is below bf16's resolution.
+    """
 
     name = "contrastive"
 
-    def __init__(self, config: TasksConfig, model: OPTModel) -> None:
+    def __init__(self, config: TasksConfig, model: OPTModel, *, whole=whole) -> None:
         super().__init__()
         self.config = config
-        self.momentum_encoders = copy.deepcopy(model.encoders).requires_grad_(False)
-        self.momentum_towers = copy.deepcopy(model.towers).requires_grad_(False)
+        self.whole = whole
+        self.momentum_encoders = frozen_copy(model.encoders)
+        self.momentum_towers = frozen_copy(model.towers)
         dim = model.spec.model.towers.dim
         for modality in MODALITIES:
             self.register_buffer(f"queue_{modality}", F.normalize(torch.randn(config.queue_size, dim), dim=-1))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
 
-    @staticmethod
-    def gather_online(parameters):
-        """Context in which the online parameters are whole; the engine replaces it under ZeRO-3."""
-        return contextlib.nullcontext()
-
     @torch.no_grad()
     def _update_momentum(self, model: OPTModel) -> None:
         m = self.config.momentum
         for online, momentum in ((model.encoders, self.momentum_encoders), (model.towers, self.momentum_towers)):
-            with self.gather_online(online.parameters()):
-                for p_online, p_momentum in zip(online.parameters(), momentum.parameters()):
-                    p_momentum.mul_(m).add_(p_online.detach().to(p_momentum.dtype), alpha=1 - m)
+            copies = dict(momentum.named_buffers())
+            names, parameters = zip(*online.named_parameters())
+            for name, value in zip(names, self.whole(parameters)):
+                copies[name].mul_(m).add_(value.to(copies[name].dtype), alpha=1 - m)
 
     @torch.no_grad()
     def _momentum_embeddings(self, model: OPTModel, batch: dict) -> dict[str, torch.Tensor]:
-        online_encoders, online_towers = model.encoders, model.towers
-        try:  # run the model's own encoding code with the momentum weights
-            model.encoders, model.towers = self.momentum_encoders, self.momentum_towers
-            return model.tower_embeddings(model.encode_unimodal(batch))
-        finally:
-            model.encoders, model.towers = online_encoders, online_towers
+        return model.tower_embeddings(model.encode_unimodal(batch, encoders=self.momentum_encoders),
+                                      towers=self.momentum_towers)
 
     @torch.no_grad()
     def _enqueue(self, keys: dict[str, torch.Tensor]) -> None:
@@ -138,16 +157,19 @@ class ContrastiveAlignment(nn.Module):
         self.queue_filled.copy_(torch.clamp(self.queue_filled + size, max=self.config.queue_size))
 
     def _info_nce(self, queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, *,
-                  momentum_queries: torch.Tensor, momentum_keys: torch.Tensor,
-                  scale: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Online queries (b, d) against the online keys (b, d) and the queue (q, d)."""
-        logits = scale * queries @ torch.cat([keys, queue]).T  # (b, b + q): the batch's own candidates first
+                  momentum_queries: torch.Tensor, momentum_keys: torch.Tensor, scale: torch.Tensor,
+                  hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Online queries (b, d) against the online keys (b, d) and the queue (q, d), whose
+        entries not yet filled (``hidden``: a (b + q,) mask) get a logit of -1e4: a softmax
+        weight of exactly 0 in fp32, as if they were left out, without reading the fill level
+        back from the device."""
+        logits = (scale * queries @ torch.cat([keys, queue]).T).masked_fill(hidden, -1e4)  # the batch's own first
         labels = torch.arange(queries.shape[0], device=queries.device)
         targets = F.one_hot(labels, logits.shape[1]).float()
         if self.config.distillation > 0:
             with torch.no_grad():
-                soft = (scale * momentum_queries @ torch.cat([momentum_keys, queue]).T).softmax(-1)
-            targets = self.config.distillation * soft + (1 - self.config.distillation) * targets
+                soft = (scale * momentum_queries @ torch.cat([momentum_keys, queue]).T).masked_fill(hidden, -1e4)
+            targets = self.config.distillation * soft.softmax(-1) + (1 - self.config.distillation) * targets
         loss = torch.sum(-targets * logits.log_softmax(-1), dim=-1).mean()
         return loss, accuracy(logits[:, : queries.shape[0]], labels)
 
@@ -157,15 +179,17 @@ class ContrastiveAlignment(nn.Module):
         queries = {m: e.float() for m, e in model.tower_embeddings(model.encode_unimodal(batch)).items()}
         keys = {m: e.float() for m, e in self._momentum_embeddings(model, batch).items()}
         scale = model.temperature().float()
-        filled = int(self.queue_filled)
+        size = next(iter(queries.values())).shape[0]
+        positions = torch.arange(size + self.config.queue_size, device=scale.device)
+        hidden = positions >= size + self.queue_filled  # the queue's entries not yet filled
         losses, metrics = [], {}
         for a, b in TOWER_PAIRS:
             if a not in queries or b not in queries or pair_name((a, b)) not in self.config.contrastive_pairs:
                 continue
             for query, key in ((a, b), (b, a)):
-                queue = getattr(self, f"queue_{key}")[:filled].float()
+                queue = getattr(self, f"queue_{key}").float()
                 loss, retrieval = self._info_nce(queries[query], queries[key], queue, momentum_queries=keys[query],
-                                                 momentum_keys=keys[key], scale=scale)
+                                                 momentum_keys=keys[key], scale=scale, hidden=hidden)
                 losses.append(loss)
                 metrics[f"{query[0]}2{key[0]}_accuracy"] = retrieval
         if not losses:
@@ -174,5 +198,5 @@ class ContrastiveAlignment(nn.Module):
         if self.training:
             self._enqueue(keys)
         metrics["accuracy"] = sum(metrics.values()) / len(metrics)  # mean in-batch retrieval accuracy
-        metrics |= {"loss": loss.item(), "temperature": float(1 / scale.detach())}
+        metrics |= {"loss": loss.detach(), "temperature": 1 / scale.detach()}
         return TaskOutput(loss, metrics)

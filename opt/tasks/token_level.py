@@ -61,7 +61,7 @@ class MaskedLanguageModeling:
         logits = model.heads["mlm"](_span(fused, "text")[selected]).float()
         targets = text["ids"][selected]
         loss = F.cross_entropy(logits, targets)
-        return TaskOutput(loss, {"loss": loss.item(), "accuracy": accuracy(logits, targets)})
+        return TaskOutput(loss, {"loss": loss.detach(), "accuracy": accuracy(logits, targets)})
 
 
 class MaskedVisionModeling:
@@ -84,7 +84,7 @@ class MaskedVisionModeling:
         targets = codes[hidden].reshape(-1)  # (m * k * k,)
         logits = model.heads["mvm"](_span(fused, "image")[hidden]).float().reshape(targets.shape[0], -1)
         loss = F.cross_entropy(logits, targets)
-        return TaskOutput(loss, {"loss": loss.item(), "accuracy": accuracy(logits, targets)})
+        return TaskOutput(loss, {"loss": loss.detach(), "accuracy": accuracy(logits, targets)})
 
 
 class MaskedAudioModeling:
@@ -118,7 +118,7 @@ class MaskedAudioModeling:
         logits, labels = same_utterance_logits(predicted, frames[rows], valid[rows], positions,
                                                negatives=self.config.mam_negatives, generator=generator)
         loss = F.cross_entropy(logits / self.config.mam_temperature, labels)
-        return TaskOutput(loss, {"loss": loss.item(), "accuracy": accuracy(logits, labels)})
+        return TaskOutput(loss, {"loss": loss.detach(), "accuracy": accuracy(logits, labels)})
 
 
 def same_utterance_logits(predicted: torch.Tensor, frames: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
