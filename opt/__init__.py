@@ -6,17 +6,7 @@ them all and knows nothing of the model. ``from opt import OPT`` gives the Pytho
 (:mod:`opt.api`: caption, generate, embed), loaded on first use.
 """
 
-import os
-
 __version__ = "0.1.0"
-
-# OpenMP threads that wait for each other sleep instead of spinning. libgomp's default spins
-# first: when another process holds one of the cores, a step's two threads spend their time
-# slices spinning at every barrier, and the tiny training step fell to a tenth of its idle speed
-# beside a single busy process (docs/journal/2026-12-06-contention.md). OpenMP reads this
-# when torch loads, so it takes effect wherever ``opt`` is imported before ``torch`` (every
-# command line); an explicit setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MODALITIES: tuple[str, ...] = ("text", "image", "audio")
 """The three modality keys used everywhere: data, model, tasks and metrics."""

@@ -1,7 +1,7 @@
 """Training-step benchmark: the trainer's real step, measured side by side in one run.
 
     python scripts/bench_train.py [--configs tiny,base] [--rounds 3] [--base-steps 2] [--out bench_train.json]
-    python scripts/bench_train.py --contention [--seconds 12] [--out bench_contention.json]
+    python scripts/bench_train.py --contention [--seconds 12] [--rounds 3] [--out bench_contention.json]
 
 The step is what ``opt train`` runs for one optimizer step (:func:`opt.engine.trainer.optimizer_step`):
 the whole training forward under the DeepSpeed engine (task mixture, model, momentum encoders),
@@ -17,12 +17,12 @@ same tasks and masks), and utilisation: achieved FLOP/s over a large matmul's FL
 this process in the arm's precision. The tiny arms live side by side and their rounds interleave;
 a base engine holds ~10 GB, so base arms run one after another (``--base-steps`` steps each round).
 
-``--contention``: the tiny step (fp32, eager, ``sum`` mode: every step the same work) alone, beside
+``--contention``: the tiny step (fp32, eager, ``sum`` mode: every step the same work; batch 8) alone, beside
 a plain Python busy loop, and beside a copy of the same training step (both at normal priority),
-in a fresh process per OpenMP wait policy: the project's (``opt`` sets ``OMP_WAIT_POLICY=PASSIVE``
-unless the environment sets it) and libgomp's default (spin, then sleep). Target: with each
-competitor the step keeps >= 40% of its idle samples/s (a fair share of 2 cores is 50%), and the
-project's idle figure is within 5% of libgomp's default.
+with torch's threads chosen by the project's governor (:mod:`opt.engine.threads`, as ``opt train``
+runs) and fixed at the count torch starts with (the step before it), in two processes whose
+windows interleave. Target: with each competitor the step keeps >= 40% of its idle samples/s
+(a fair share of 2 cores is 50%), and the governed idle figure is within 5% of the fixed one.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import opt  # noqa: E402,F401  (before torch: sets the OpenMP wait policy)
 import torch  # noqa: E402
 
 from opt.benchmarking import matmul_peak, processor_name  # noqa: E402
 from opt.config import load_config  # noqa: E402
 from opt.engine.deepspeed_backend import init_distributed  # noqa: E402
+from opt.engine.threads import fix_threads  # noqa: E402
 from opt.engine.trainer import build_engine, optimizer_step, precision_autocast  # noqa: E402
 from opt.model.opt_model import ModelSpec, OPTModel  # noqa: E402
 from opt.model.summary import count_flops, dummy_batch  # noqa: E402
@@ -157,9 +157,12 @@ def bench_config(name: str, rounds: int, steps: int, peaks: dict[str, float], in
 
 # -- contention --------------------------------------------------------------------------------
 
-def step_loop(seconds: float | None, report: bool) -> dict | None:
-    """Run the tiny fp32 sum-mode step; with ``seconds``, measure windows as the parent asks."""
-    step = RealStep("tiny", mode="sum")
+def step_loop(seconds: float | None, report: bool, fixed: bool) -> dict | None:
+    """Run the tiny fp32 sum-mode step; with ``seconds``, measure windows as the parent asks;
+    ``fixed``: torch's threads stay as they started (the step before the thread governor)."""
+    if fixed:
+        fix_threads(torch.get_num_threads())
+    step = RealStep("tiny", mode="sum", batch_size=CONTENTION_BATCH)
     for _ in range(3):
         step()
     print("ready", flush=True)
@@ -180,47 +183,69 @@ def step_loop(seconds: float | None, report: bool) -> dict | None:
     return figures
 
 
-def competitor(kind: str, env: dict) -> subprocess.Popen:
+CONTENTION_ARMS = ("idle", "busy_loop", "training_step")
+CONTENTION_BATCH = 8  # small steps: many per window
+
+
+def next_message(process: subprocess.Popen) -> str:
+    """The next line ``process`` writes for us ("ready" or a JSON record), skipping libraries' output."""
+    for line in process.stdout:
+        if line.strip() == "ready" or line.startswith("{"):
+            return line.strip()
+    raise RuntimeError(f"{process.args[1:]} ended before it answered")
+
+
+def competitor(kind: str, fixed: bool) -> subprocess.Popen:
     if kind == "busy_loop":
         command = [sys.executable, "-c", "while True: pass"]
     else:
-        command = [sys.executable, __file__, "--step-loop"]
-    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        command = [sys.executable, __file__, "--step-loop"] + (["--fixed-threads"] if fixed else [])
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     if kind == "training_step":
-        assert process.stdout.readline().strip() == "ready"
+        next_message(process)
     return process
 
 
-def contention(seconds: float) -> dict:
-    """Per wait policy, a measuring process and its competitors; windows: idle, busy loop, step copy, idle."""
+def contention(seconds: float, rounds: int) -> dict:
+    """A measuring process per way of choosing threads, both alive (the one not measuring sleeps on
+    its input); per round, each arm (idle, busy loop, a copy of the step) is measured for each in
+    turn, the competitor started afresh (a copy of the step chooses its threads as the measured one)."""
+    policies = {"adaptive": False, "fixed_threads": True}  # the project's thread governor; torch's threads as started
+    measuring = {policy: subprocess.Popen([sys.executable, __file__, "--measure", str(seconds)]
+                                          + (["--fixed-threads"] if fixed else []),
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                          text=True)
+                 for policy, fixed in policies.items()}
+    for process in measuring.values():
+        next_message(process)
+    rates = {(policy, arm): [] for policy in policies for arm in CONTENTION_ARMS}
+    for _ in range(rounds):
+        for arm in CONTENTION_ARMS:
+            for policy, process in measuring.items():
+                rival = competitor(arm, policies[policy]) if arm != "idle" else None
+                time.sleep(1.0)
+                process.stdin.write(arm + "\n")
+                process.stdin.flush()
+                rates[policy, arm].append(json.loads(next_message(process))[arm])
+                if rival is not None:
+                    rival.kill()
+                    rival.wait()
+    for process in measuring.values():
+        process.stdin.write("done\n")
+        process.stdin.close()
+        process.wait()
     results = {}
-    policies = {"project_passive": {}, "libgomp_default": {"OMP_WAIT_POLICY": ""}}  # "" leaves libgomp's default
-    for policy, extra in policies.items():
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | extra
-        measuring = subprocess.Popen([sys.executable, __file__, "--measure", str(seconds)], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
-        assert measuring.stdout.readline().strip() == "ready"
-        figures = {}
-        for arm in ("idle", "busy_loop", "training_step", "idle_after"):
-            rival = competitor(arm, env) if arm in ("busy_loop", "training_step") else None
-            time.sleep(1.0)
-            measuring.stdin.write(arm + "\n")
-            measuring.stdin.flush()
-            figures |= json.loads(measuring.stdout.readline())
-            if rival is not None:
-                rival.kill()
-                rival.wait()
-        measuring.stdin.write("done\n")
-        measuring.stdin.close()
-        measuring.wait()
-        idle = (figures["idle"] + figures["idle_after"]) / 2
-        results |= {f"{policy}_{arm}_samples_per_s": value for arm, value in figures.items()}
-        results |= {f"{policy}_{arm}_fraction_of_idle": figures[arm] / idle for arm in ("busy_loop", "training_step")}
-    results["project_idle_vs_libgomp_default"] = (
-        (results["project_passive_idle_samples_per_s"] + results["project_passive_idle_after_samples_per_s"])
-        / (results["libgomp_default_idle_samples_per_s"] + results["libgomp_default_idle_after_samples_per_s"]))
+    for policy in policies:
+        idle = statistics.median(rates[policy, "idle"])
+        for arm in CONTENTION_ARMS:
+            values = rates[policy, arm]
+            results |= {f"{policy}_{arm}_samples_per_s": statistics.median(values),
+                        f"{policy}_{arm}_range": f"{min(values):.1f}-{max(values):.1f}"}
+            if arm != "idle":
+                results[f"{policy}_{arm}_fraction_of_idle"] = statistics.median(values) / idle
+    results["adaptive_idle_vs_fixed_threads"] = (results["adaptive_idle_samples_per_s"]
+                                                 / results["fixed_threads_idle_samples_per_s"])
     return results
 
 
@@ -242,15 +267,15 @@ def main() -> None:
     parser.add_argument("--out", help="also write the figures as JSON")
     parser.add_argument("--measure", type=float, help=argparse.SUPPRESS)  # --contention's measuring process
     parser.add_argument("--step-loop", action="store_true", help=argparse.SUPPRESS)  # its copy of the step
+    parser.add_argument("--fixed-threads", action="store_true", help=argparse.SUPPRESS)  # without the governor
     args = parser.parse_args()
     if args.measure is not None or args.step_loop:
-        step_loop(args.measure, report=args.measure is not None)
+        step_loop(args.measure, report=args.measure is not None, fixed=args.fixed_threads)
         return
-    results = {"processor": processor_name(), "torch_threads": torch.get_num_threads(),
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+    results = {"processor": processor_name(), "torch_threads": torch.get_num_threads()}
     report(results)
     if args.contention:
-        figures = contention(args.seconds)
+        figures = contention(args.seconds, args.rounds)
         report(figures)
         results |= figures
     else:

@@ -206,6 +206,10 @@ class DeepSpeedBackend:
         return self.engine.module
 
     @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
     def rank(self) -> int:
         return torch.distributed.get_rank()
 

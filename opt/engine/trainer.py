@@ -50,6 +50,7 @@ from opt.engine import checkpoints
 from opt.engine.deepspeed_backend import DeepSpeedBackend, any_rank, init_distributed, whole_values
 from opt.engine.run_lock import SIGNAL_EXIT_CODES, RunLock, StopSignals
 from opt.engine.schedule import warmup_decay
+from opt.engine.threads import adapt_threads
 from opt.errors import UserError
 from opt.files import write_atomic
 from opt.logs import info, warn
@@ -134,6 +135,8 @@ def optimizer_step(backend: DeepSpeedBackend, micro_batches, step: int, autocast
     the non-finite guard; the task mixture commits or rolls back its state with it. Nothing is read
     back from the device but the agreed finiteness flag (one all-reduce)."""
     mixture: TaskMixture = backend.module.mixture
+    if backend.device.type == "cpu":
+        adapt_threads()  # as many threads as the other processes leave cores (opt.engine.threads)
     losses, records = [], []
     for batch in micro_batches:
         with autocast:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from opt.config import Config
 from opt.data.pipeline import BatchLoader
 from opt.devices import resolve_device
+from opt.engine.threads import adapt_threads
 from opt.engine.schedule import warmup_decay
 from opt.errors import UserError
 from opt.files import write_atomic
@@ -82,6 +83,8 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
     bar = tqdm(total=settings.steps, desc="vq", disable=not progress)
     batches = iter(loader)
     for step in range(settings.steps):
+        if target.type == "cpu":
+            adapt_threads()  # as many threads as other processes leave cores (opt.engine.threads)
         pixels = next(batches)["image"]["pixels"].to(target, non_blocking=True)
         output = model(pixels)
         loss = reconstruction_loss(output["reconstruction"], pixels, foreground_weight=settings.foreground_weight)
