@@ -1,6 +1,7 @@
 """Training-step benchmark: the trainer's real step, measured side by side in one run.
 
-    python scripts/bench_train.py [--configs tiny,base] [--rounds 3] [--base-steps 2] [--out bench_train.json]
+    python scripts/bench_train.py [--configs tiny,base] [--arms A,B] [--rounds 3] [--tiny-steps 14] [--base-steps 2]
+                                  [--out bench_train.json]
     python scripts/bench_train.py --contention [--seconds 12] [--rounds 3] [--out bench_contention.json]
 
 The step is what ``opt train`` runs for one optimizer step (:func:`opt.engine.trainer.optimizer_step`):
@@ -73,11 +74,12 @@ class RealStep:
         self.tasks: list[str] = []
 
     def warm_up(self) -> None:
-        """One step running every task (each compiles on its first call), then one as configured."""
-        mixture = self.backend.module.mixture
-        mode, mixture.mode = mixture.mode, "sum"
-        self()
-        mixture.mode = mode
+        """One step as configured; compiled, first one running every task (each compiles on its first call)."""
+        if self.config.train.compile:
+            mixture = self.backend.module.mixture
+            mode, mixture.mode = mixture.mode, "sum"
+            self()
+            mixture.mode = mode
         self()
 
     def __call__(self) -> None:
@@ -120,9 +122,10 @@ def summarise(name: str, arm: str, rates: list[float], flops: float, peak: float
             f"{name}_{arm}_utilisation": median * flops / peak}
 
 
-def bench_config(name: str, rounds: int, steps: int, peaks: dict[str, float], interleave: bool) -> dict:
+def bench_config(name: str, rounds: int, steps: int, peaks: dict[str, float], interleave: bool,
+                 only: set[str] | None) -> dict:
     results = {}
-    settings = arms(name)
+    settings = {arm: options for arm, options in arms(name).items() if not only or arm in only}
     if interleave:  # every arm built first, rounds interleaved
         built = {}
         for arm, options in settings.items():
@@ -262,6 +265,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per arm (median and range)")
     parser.add_argument("--tiny-steps", type=int, default=14, help="steps per round, tiny")
     parser.add_argument("--base-steps", type=int, default=2, help="steps per round, base")
+    parser.add_argument("--arms", help="comma-separated arms to run (default all: fp32_eager_sample, "
+                        "fp32_compiled_sample, bf16_eager_sample, bf16_compiled_sample, fp32_eager_sum)")
     parser.add_argument("--contention", action="store_true", help="the contention benchmark instead")
     parser.add_argument("--seconds", type=float, default=12.0, help="--contention: seconds per window")
     parser.add_argument("--out", help="also write the figures as JSON")
@@ -285,7 +290,8 @@ def main() -> None:
         results |= figures
         for name in args.configs.split(","):
             steps = args.tiny_steps if name == "tiny" else args.base_steps
-            figures = bench_config(name, args.rounds, steps, peaks, interleave=name == "tiny")
+            figures = bench_config(name, args.rounds, steps, peaks, interleave=name == "tiny",
+                                   only=set(args.arms.split(",")) if args.arms else None)
             report(figures)
             results |= figures
         results["fp32_matmul_gflops_per_s_after"] = matmul_peak(torch.float32) / 1e9

@@ -34,8 +34,7 @@ from opt.data.pipeline import BatchLoader
 from opt.devices import resolve_device
 from opt.engine.export import run_spec
 from opt.model.opt_model import OPTModel
-from opt.model.summary import count_flops
-from opt.tasks.mixture import TaskMixture
+from opt.tasks.mixture import TaskMixture, schedule_flops, task_flops
 from opt.text.tokenizer import load_tokenizer, tokenizer_in
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,20 +50,6 @@ def logged_samples_per_second(run: Path) -> tuple[int, float]:
     return windows[-1]["step"], sum(record["samples_per_s"] for record in kept) / len(kept)
 
 
-def task_flops(model: OPTModel, mixture: TaskMixture, batch: dict, dtype: torch.dtype) -> dict[str, float]:
-    """Forward + backward FLOPs per sample of each task of ``mixture`` on ``batch``."""
-    device_type = next(model.parameters()).device.type
-    flops = {}
-    for name in mixture.names:
-        with count_flops() as counter:
-            with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = mixture.task(name)(model, batch, mixture.generators).loss
-            loss.backward()
-        model.zero_grad(set_to_none=True)
-        flops[name] = counter.get_total_flops() / len(batch["keys"])
-    return flops
-
-
 def step_flops(config: Config, run: Path, device: torch.device) -> float:
     """Model FLOPs per sample of a training step of ``run``, averaged over its steps."""
     tokenizer = load_tokenizer(tokenizer_in(run))
@@ -77,19 +62,8 @@ def step_flops(config: Config, run: Path, device: torch.device) -> float:
     batches = iter(loader)
     batch = to_device(next(batches), device)
     batches.close()
-    flops = task_flops(model, mixture, batch, PRECISIONS[config.train.precision])
-    counted = torch.tensor([flops[name] for name in mixture.names], dtype=torch.float64)
-    steps = range(config.train.steps)
-    return sum(combined_flops(counted, mixture.phase_at(step)[0], config.tasks.mode) for step in steps) / len(steps)
-
-
-def combined_flops(flops: torch.Tensor, weights: torch.Tensor, mode: str) -> float:
-    """FLOPs per sample of one step from each task's ``flops`` (n,) and the step's task ``weights`` (n,):
-    their weighted mean when one task is drawn per step (``sample``), the sum of the weighted ones (``sum``)."""
-    weights = weights.to(flops.dtype)
-    if mode == "sum":
-        return float(flops[weights > 0].sum())
-    return float((weights * flops).sum() / weights.sum())
+    flops = task_flops(mixture, model, batch, PRECISIONS[config.train.precision])
+    return schedule_flops(mixture, flops, config.train.steps)
 
 
 def matmul_peak_on(device: torch.device, dtype: torch.dtype) -> float:

@@ -51,7 +51,8 @@ def run_init(args: argparse.Namespace) -> None:
 
 def run_summary(args: argparse.Namespace) -> None:
     from opt.model.opt_model import ModelSpec, OPTModel
-    from opt.model.summary import parameter_counts, training_step_flops
+    from opt.model.summary import dummy_batch, parameter_counts
+    from opt.tasks.mixture import TaskMixture, schedule_flops, task_flops
 
     config = config_from_args(args)
     tokenizer = None
@@ -67,5 +68,10 @@ def run_summary(args: argparse.Namespace) -> None:
     spec = model.spec
     print(f"image codes per image: {spec.image_codes} (codebook {spec.model.vq.codebook_size}); "
           f"text <= {spec.max_text_tokens} tokens; audio <= {spec.audio.max_seconds:g} s")
-    print(f"training step (forward + backward, all modalities, both decoders): "
-          f"{training_step_flops(model) / 1e9:.2f} GFLOP per sample")
+    mixture = TaskMixture(config, model, rank=0)
+    flops = task_flops(mixture, model.train(), dummy_batch(model, 3))  # 5-way matching needs three samples
+    print(f"training step, forward + backward per sample (each task on a batch at the maximum sizes):")
+    for name, value in flops.items():
+        print(f"  {name:<{width - 2}}{value / 1e9:10.2f} GFLOP")
+    print(f"  mean over the config's {config.train.steps} steps (tasks.mode {config.tasks.mode}, phases and "
+          f"weights): {schedule_flops(mixture, flops, config.train.steps) / 1e9:.2f} GFLOP")

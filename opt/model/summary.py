@@ -54,6 +54,7 @@ def dummy_batch(model: OPTModel, batch_size: int, *, seed: int = 0) -> dict:
     else:
         audio["features"] = torch.randn(batch_size, frames, spec.audio.n_mels, generator=generator)
     return {
+        "keys": [f"dummy-{index}" for index in range(batch_size)],
         "text": {"ids": torch.randint(7, spec.vocab_size, (batch_size, text_length), generator=generator),
                  "mask": torch.ones(batch_size, text_length, dtype=torch.bool), "present": present},
         "image": {"pixels": torch.rand(batch_size, 3, spec.image_size, spec.image_size, generator=generator),

@@ -166,6 +166,40 @@ class TaskMixture(nn.Module):
         self.generators.local.set_state(state["local"] if "local" in state else state["mask"])
 
 
+def task_flops(mixture: TaskMixture, model: OPTModel, batch: dict,
+               dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Forward + backward FLOPs per sample of each task of ``mixture`` on ``batch``, counted by
+    :func:`~opt.model.summary.count_flops` (matmuls and attention; elementwise work is not counted)."""
+    from opt.model.summary import count_flops
+
+    device_type = next(model.parameters()).device.type
+    flops = {}
+    for name in mixture.names:
+        with count_flops() as counter:
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = mixture.task(name)(model, batch, mixture.generators).loss
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        flops[name] = counter.get_total_flops() / len(batch["keys"])
+    return flops
+
+
+def combined_flops(flops: torch.Tensor, weights: torch.Tensor, mode: str) -> float:
+    """FLOPs per sample of one step from each task's ``flops`` (n,) and the step's task ``weights`` (n,):
+    their weighted mean when one task is drawn per step (``sample``), the sum of the weighted ones (``sum``)."""
+    weights = weights.to(flops.dtype)
+    if mode == "sum":
+        return float(flops[weights > 0].sum())
+    return float((weights * flops).sum() / weights.sum())
+
+
+def schedule_flops(mixture: TaskMixture, flops: dict[str, float], steps: int) -> float:
+    """FLOPs per sample of a training step averaged over ``steps`` steps of the mixture's
+    schedule (its phases, then its main weights), in its mode."""
+    counted = torch.tensor([flops[name] for name in mixture.names], dtype=torch.float64)
+    return sum(combined_flops(counted, mixture.phase_at(step)[0], mixture.mode) for step in range(steps)) / steps
+
+
 class TrainingForward(nn.Module):
     """The whole training forward, the one module the engine (DeepSpeed) wraps and calls:
     ``forward(batch, step) -> (loss, metrics)`` runs the task mixture on the model. Its
