@@ -20,7 +20,7 @@ from opt.model.generation import (
     generate_image_codes_parallel,
     generate_text,
 )
-from opt.model.layers import CrossAttention, attention_mask, distance_bias, with_bias
+from opt.model.layers import Attention, attention_mask, distance_bias, with_bias
 from opt.model.opt_model import ModelSpec, OPTModel
 from opt.model.summary import count_flops, dummy_batch, parameter_counts, training_step_flops
 from opt.tasks.mixture import TaskMixture
@@ -199,15 +199,15 @@ def test_kv_cache_logits_match_full_recompute(model_and_batch):
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_qk_norm_makes_attention_independent_of_the_query_and_key_weights_scale(qk_norm):
     torch.manual_seed(0)
-    attention = CrossAttention(width=32, heads=4, context_width=24, qk_norm=qk_norm)
+    attention = Attention(width=32, heads=4, context_width=24, qk_norm=qk_norm)
     x, context = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
     with torch.no_grad():
-        before = attention(x, context)
+        before = attention(x, context=context)
         attention.query.weight.mul_(10)
         attention.query.bias.mul_(10)
         attention.key_value.weight[:32].mul_(10)  # the keys' half; values unchanged
         attention.key_value.bias[:32].mul_(10)
-        after = attention(x, context)
+        after = attention(x, context=context)
     assert torch.allclose(after, before, atol=1e-4) == qk_norm
 
 
@@ -215,20 +215,20 @@ def test_qk_norm_keys_have_no_bias_and_older_models_key_biases_load_without_effe
     """A key bias shifts all of a query's logits alike: the softmax removes it, so it is not a
     parameter, and a model saved with one loads and computes the same."""
     torch.manual_seed(0)
-    attention = CrossAttention(width=32, heads=4, context_width=24, qk_norm=True)
+    attention = Attention(width=32, heads=4, context_width=24, qk_norm=True)
     assert attention.key_norm.bias is None and attention.query_norm.bias is not None
     x, context = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
     older = attention.state_dict() | {"key_norm.bias": torch.randn(8)}
-    loaded = CrossAttention(width=32, heads=4, context_width=24, qk_norm=True)
+    loaded = Attention(width=32, heads=4, context_width=24, qk_norm=True)
     loaded.load_state_dict(older)  # strict: the old key is dropped, nothing else is missing
     with torch.no_grad():
         biased = torch.nn.LayerNorm(8)
         biased.weight.copy_(attention.key_norm.weight)
         biased.bias.copy_(older["key_norm.bias"])
-        expected = attention(x, context)
-        assert torch.allclose(loaded(x, context), expected, atol=1e-6)
+        expected = attention(x, context=context)
+        assert torch.allclose(loaded(x, context=context), expected, atol=1e-6)
         attention.key_norm = biased
-        assert torch.allclose(attention(x, context), expected, atol=1e-5)
+        assert torch.allclose(attention(x, context=context), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("scope, parts", [

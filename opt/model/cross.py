@@ -4,8 +4,7 @@ Sequence: ``[CLS] + text + image + audio`` (only the modalities given), each
 token plus a modality-type embedding and a position embedding of its own
 modality (text and audio: 1-D; image: one per grid cell, i.e. 2-D).
 Pre-LN transformer blocks with SDPA; padded positions are masked as keys,
-so they never influence other positions (a batch without padding runs
-unmasked, SDPA's fastest path).
+so they never influence other positions.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from torch import nn
 
 from opt import MODALITIES
 from opt.config import CrossModalConfig
-from opt.model.layers import Transformer, key_padding_mask
+from opt.model.layers import Transformer, attention_mask
 
 TYPE_IDS = {"cls": 0, "text": 1, "image": 2, "audio": 3}
 
@@ -61,5 +60,5 @@ class CrossModalEncoder(nn.Module):
             start += tokens.shape[1]
         x = torch.cat(pieces, dim=1)
         mask = torch.cat(masks, dim=1)
-        states = self.transformer(x, mask=key_padding_mask(mask))
+        states = self.transformer(x, mask=attention_mask(mask, x.shape[1]))
         return {"states": states, "mask": mask, "cls": states[:, 0], "spans": spans}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt.config import ImageDecoderConfig, TextDecoderConfig
-from opt.model.layers import LayerCache, Transformer, attention_mask, key_padding_mask, sincos_2d
+from opt.model.layers import LayerCache, Transformer, attention_mask, sincos_2d
 
 
 class TextDecoder(nn.Module):
@@ -38,8 +38,7 @@ class TextDecoder(nn.Module):
         self.head.weight = self.embed.weight
 
     def new_cache(self) -> list[LayerCache]:
-        """Per-layer caches with room for ``max_length`` positions."""
-        return self.transformer.new_cache(positions=self.max_length)
+        return self.transformer.new_cache()
 
     def forward(self, ids: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, *,
                 cache: list[LayerCache] | None = None) -> torch.Tensor:
@@ -48,7 +47,7 @@ class TextDecoder(nn.Module):
         x = self.embed(ids) + self.positions(torch.arange(offset, offset + ids.shape[1], device=ids.device))
         keys = offset + ids.shape[1]
         self_mask = attention_mask(None, ids.shape[1], causal=True, offset=offset, keys=keys, device=ids.device)
-        x = self.transformer(x, mask=self_mask, context=context, context_mask=key_padding_mask(context_mask),
+        x = self.transformer(x, mask=self_mask, context=context, context_mask=context_mask[:, None, None, :],
                              cache=cache)
         return self.head(x)
 
@@ -87,46 +86,30 @@ class ImageTokenDecoder(nn.Module):
             self.positions.weight.copy_(grid * std / grid.std())
 
     def new_cache(self, *, self_attention: bool = True) -> list[LayerCache]:
-        """Per-layer caches with room for all the codes; ``self_attention=False`` keeps only the
-        context's keys and values."""
-        return self.transformer.new_cache(positions=self.codes, self_attention=self_attention)
-
-    def guided_context(self, context: torch.Tensor, context_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The context (2b, s, d) and mask (2b, s) of classifier-free guidance, built once per
-        decoding: rows [:b] are ``context``, rows [b:] the learned null context."""
-        drop = torch.arange(2 * context.shape[0], device=context.device) >= context.shape[0]
-        return self._drop_condition(torch.cat([context, context]), torch.cat([context_mask, context_mask]), drop)
-
-    def _drop_condition(self, context: torch.Tensor, context_mask: torch.Tensor, drop: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``drop`` (b,) of the context replaced by the null context: one real key, the rest padding."""
-        null = F.pad(self.null_context.to(context.dtype).expand(context.shape[0], -1, -1),
-                     (0, 0, 0, context.shape[1] - 1))
-        null_mask = torch.zeros_like(context_mask)
-        null_mask[:, 0] = True
-        return (torch.where(drop[:, None, None], null, context),
-                torch.where(drop[:, None], null_mask, context_mask))
+        """Per-layer caches; ``self_attention=False`` keeps only the context's keys and values."""
+        return self.transformer.new_cache(self_attention=self_attention)
 
     def forward(self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, *, causal: bool,
-                cache: list[LayerCache] | None = None, drop_condition: torch.Tensor | None = None,
-                at: torch.Tensor | None = None) -> torch.Tensor:
+                cache: list[LayerCache] | None = None, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (b, t, codebook_size) for input tokens (b, t) (codes, [MASK] or [BOS]).
 
         ``drop_condition`` (b,) True replaces that sample's context by the learned null
         context (a single key): condition dropout in training, the unconditional half of
-        classifier-free guidance in decoding. ``at`` (b, m): only the logits (b, m, codebook_size)
-        of these positions (parallel decoding needs those of the masked codes only).
+        classifier-free guidance in decoding.
         """
         if drop_condition is not None:
-            context, context_mask = self._drop_condition(context, context_mask, drop_condition)
+            null = F.pad(self.null_context.to(context.dtype).expand(context.shape[0], -1, -1),
+                         (0, 0, 0, context.shape[1] - 1))
+            null_mask = torch.zeros_like(context_mask)
+            null_mask[:, 0] = True
+            context = torch.where(drop_condition[:, None, None], null, context)
+            context_mask = torch.where(drop_condition[:, None], null_mask, context_mask)
         offset = cache[0].self_attention.length if cache and cache[0].self_attention else 0
         x = self.embed(tokens) + self.positions(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
         self_mask = None
         if causal:
             self_mask = attention_mask(None, tokens.shape[1], causal=True, offset=offset,
                                        keys=offset + tokens.shape[1], device=tokens.device)
-        x = self.transformer(x, mask=self_mask, context=context, context_mask=key_padding_mask(context_mask),
+        x = self.transformer(x, mask=self_mask, context=context, context_mask=context_mask[:, None, None, :],
                              cache=cache)
-        if at is not None:
-            x = x.gather(1, at[..., None].expand(-1, -1, x.shape[-1]))  # (b, m, d)
         return self.head(x)

@@ -4,13 +4,7 @@ Text: greedy, top-k / top-p sampling and beam search, all with a KV cache
 (``use_cache=False`` recomputes the whole prefix every step; it exists for
 the benchmark and the cache-equality test). Images: autoregressive decoding
 over the codes in raster order, and MaskGIT-style parallel decoding (cosine
-schedule, a handful of steps); both with classifier-free guidance, whose
-doubled context is built once per call.
-
-Every draw goes through :func:`sample_categorical` (inverse-CDF sampling, one
-uniform number per row), 10-40x faster on a CPU than ``torch.multinomial`` and
-of the same distribution; a seed draws other samples than it did with
-``torch.multinomial``.
+schedule, a handful of steps); both with classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -35,23 +29,12 @@ def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -
     return logits
 
 
-def sample_categorical(probabilities: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One index per row of ``probabilities`` (..., V) drawn in proportion to them (rows need not
-    sum to one) -> (...): the first index whose cumulative probability reaches a uniform draw
-    in (0, total]. That draw is above zero and at most the total, so an index of probability
-    zero is never drawn."""
-    cumulative = probabilities.cumsum(-1)
-    draw = 1.0 - torch.rand(cumulative.shape[:-1] + (1,), generator=generator, device=cumulative.device,
-                            dtype=cumulative.dtype)  # in (0, 1]
-    return torch.searchsorted(cumulative, draw * cumulative[..., -1:]).squeeze(-1)
-
-
 def _next_token(logits: torch.Tensor, *, sample: bool, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     if not sample:
         return logits.argmax(-1)
     probabilities = filter_logits(logits / max(temperature, 1e-5), top_k=top_k, top_p=top_p).softmax(-1)
-    return sample_categorical(probabilities, generator)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -63,22 +46,20 @@ def generate_text(decoder: TextDecoder, context: torch.Tensor, context_mask: tor
     with bos; after a sequence's eos every further token is eos."""
     max_length = min(max_length or decoder.max_length, decoder.max_length)
     batch = context.shape[0]
-    ids = torch.full((batch, max_length), bos_id, dtype=torch.long, device=context.device)
+    ids = torch.full((batch, 1), bos_id, dtype=torch.long, device=context.device)
     done = torch.zeros(batch, dtype=torch.bool, device=context.device)
     cache = decoder.new_cache() if use_cache else None
-    length = 1
-    while length < max_length:
-        step_input = ids[:, length - 1:length] if use_cache else ids[:, :length]
+    for _ in range(max_length - 1):
+        step_input = ids[:, -1:] if use_cache else ids
         logits = decoder(step_input, context, context_mask, cache=cache)[:, -1].float()
         token = _next_token(logits, sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
                             generator=generator)
         token = torch.where(done, torch.full_like(token, eos_id), token)
-        ids[:, length] = token
-        length += 1
+        ids = torch.cat([ids, token[:, None]], dim=1)
         done |= token == eos_id
         if done.all():
             break
-    return ids[:, :length].contiguous()
+    return ids
 
 
 @torch.no_grad()
@@ -120,16 +101,15 @@ def beam_search(decoder: TextDecoder, context: torch.Tensor, context_mask: torch
 
 
 def _guided_logits(decoder: ImageTokenDecoder, tokens: torch.Tensor, context: torch.Tensor,
-                   context_mask: torch.Tensor, *, causal: bool, guidance: float, cache=None,
-                   at: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits with classifier-free guidance: uncond + g * (cond - uncond). With guidance,
-    ``context`` and ``context_mask`` are :meth:`~ImageTokenDecoder.guided_context`'s (2b rows:
-    [:b] conditional, [b:] unconditional) and the b rows of ``tokens`` (and ``at``) run twice."""
+                   context_mask: torch.Tensor, *, causal: bool, guidance: float, cache=None) -> torch.Tensor:
+    """Logits with classifier-free guidance: uncond + g * (cond - uncond). With
+    guidance the batch is doubled: rows [:b] conditional, [b:] unconditional."""
     if guidance == 1.0:
-        return decoder(tokens, context, context_mask, causal=causal, cache=cache, at=at).float()
+        return decoder(tokens, context, context_mask, causal=causal, cache=cache).float()
     batch = tokens.shape[0]
-    logits = decoder(tokens.repeat(2, 1), context, context_mask, causal=causal, cache=cache,
-                     at=None if at is None else at.repeat(2, 1)).float()
+    drop = torch.arange(2 * batch, device=tokens.device) >= batch
+    logits = decoder(torch.cat([tokens, tokens]), torch.cat([context, context]), torch.cat([context_mask, context_mask]),
+                     causal=causal, cache=cache, drop_condition=drop).float()
     conditional, unconditional = logits[:batch], logits[batch:]
     return unconditional + guidance * (conditional - unconditional)
 
@@ -141,16 +121,16 @@ def generate_image_codes_autoregressive(decoder: ImageTokenDecoder, context: tor
                                         generator: torch.Generator | None = None) -> torch.Tensor:
     """One code per step in raster order, with a KV cache. Returns codes (b, n)."""
     batch = context.shape[0]
-    if guidance != 1.0:
-        context, context_mask = decoder.guided_context(context, context_mask)
-    codes = torch.full((batch, decoder.codes + 1), decoder.bos_id, dtype=torch.long, device=context.device)
+    tokens = torch.full((batch, 1), decoder.bos_id, dtype=torch.long, device=context.device)
     cache = decoder.new_cache()
-    for step in range(decoder.codes):
-        logits = _guided_logits(decoder, codes[:, step:step + 1], context, context_mask, causal=True,
-                                guidance=guidance, cache=cache)[:, -1]
-        codes[:, step + 1] = _next_token(logits, sample=temperature > 0, temperature=temperature, top_k=top_k,
-                                         top_p=1.0, generator=generator)
-    return codes[:, 1:]
+    codes = []
+    for _ in range(decoder.codes):
+        logits = _guided_logits(decoder, tokens, context, context_mask, causal=True, guidance=guidance,
+                                cache=cache)[:, -1]
+        tokens = _next_token(logits, sample=temperature > 0, temperature=temperature, top_k=top_k, top_p=1.0,
+                             generator=generator)[:, None]
+        codes.append(tokens)
+    return torch.cat(codes, dim=1)
 
 
 def cosine_mask_ratio(progress: torch.Tensor | float) -> torch.Tensor | float:
@@ -166,30 +146,23 @@ def generate_image_codes_parallel(decoder: ImageTokenDecoder, context: torch.Ten
                                   generator: torch.Generator | None = None) -> torch.Tensor:
     """MaskGIT decoding: start fully masked; each step samples every masked code,
     keeps the most confident ones and re-masks the rest, following the cosine
-    schedule, so all codes are fixed after ``steps`` steps. Returns codes (b, n).
-
-    Every row has the same number of masked codes at each step (the schedule's), so a
-    step computes the logits of those positions only, (b, m), and draws only for them.
-    """
+    schedule, so all codes are fixed after ``steps`` steps. Returns codes (b, n)."""
     batch, n, device = context.shape[0], decoder.codes, context.device
-    if guidance != 1.0:
-        context, context_mask = decoder.guided_context(context, context_mask)
     tokens = torch.full((batch, n), decoder.mask_id, dtype=torch.long, device=device)
-    masked = torch.arange(n, device=device).expand(batch, n)  # (b, m) positions still masked
     cache = decoder.new_cache(self_attention=False)  # the context's keys and values, computed once
     for step in range(steps):
-        logits = _guided_logits(decoder, tokens, context, context_mask, causal=False, guidance=guidance,
-                                cache=cache, at=masked)  # (b, m, V)
+        masked = tokens == decoder.mask_id
+        logits = _guided_logits(decoder, tokens, context, context_mask, causal=False, guidance=guidance, cache=cache)
         probabilities = (logits / max(temperature, 1e-5)).softmax(-1)
-        sampled = sample_categorical(probabilities, generator)  # (b, m)
-        tokens = tokens.scatter(1, masked, sampled)
-        remask = int(n * cosine_mask_ratio((step + 1) / steps))
-        if remask == 0:
-            break
+        sampled = torch.multinomial(probabilities.reshape(-1, probabilities.shape[-1]), 1,
+                                    generator=generator).reshape(batch, n)
         confidence = probabilities.gather(-1, sampled[..., None]).squeeze(-1).log()
         noise = -torch.log(-torch.log(torch.rand(confidence.shape, generator=generator, device=device)))
         confidence = confidence + temperature * (1 - (step + 1) / steps) * noise  # annealed randomness
-        lowest = confidence.topk(remask, dim=-1, largest=False).indices  # (b, remask) into masked
-        masked = masked.gather(1, lowest)
-        tokens = tokens.scatter(1, masked, decoder.mask_id)
+        confidence = torch.where(masked, confidence, torch.full_like(confidence, float("inf")))
+        tokens = torch.where(masked, sampled, tokens)
+        remask = int(n * cosine_mask_ratio((step + 1) / steps))
+        if remask > 0:
+            lowest = confidence.topk(remask, dim=-1, largest=False).indices
+            tokens = tokens.scatter(-1, lowest, decoder.mask_id)
     return tokens
