@@ -271,12 +271,3 @@ def test_train_precision_auto_is_resolved_and_recorded(monkeypatch, capsys):
     assert resolve_precision(config, model, torch.device("cpu")).train.precision == "bf16"
     fixed = load_config("configs/tiny.yaml", ["train.precision=fp32"])
     assert resolve_precision(fixed, model, torch.device("cpu")) is fixed
-
-
-def test_importing_opt_makes_openmp_threads_wait_passively_unless_the_environment_says_otherwise():
-    script = "import os, opt; print(os.environ['OMP_WAIT_POLICY'])"
-    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    default = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
-    chosen = subprocess.run([sys.executable, "-c", script], env=environment | {"OMP_WAIT_POLICY": "ACTIVE"},
-                            capture_output=True, text=True)
-    assert (default.stdout.strip(), chosen.stdout.strip()) == ("PASSIVE", "ACTIVE")
