@@ -22,7 +22,7 @@ import torch
 
 from opt.config import load_config
 from opt.engine import checkpoints
-from opt.engine.deepspeed_backend import fp32_state_dict, gathered, precision_unsupported
+from opt.engine.deepspeed_backend import fp32_state_dict, precision_unsupported, whole_values
 from opt.engine.trainer import Trainer, TrainingStopped
 from opt.tasks.mixture import TaskMixture
 
@@ -64,8 +64,8 @@ def faulty_forward(faults: dict[int, str]):
 def training_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Copies of everything a skipped step must leave alone."""
     backend = trainer.backend
-    with gathered(trainer.model.parameters()):  # whole under ZeRO-3
-        state = {f"weight/{name}": p.detach().clone() for name, p in trainer.model.named_parameters()}
+    names, parameters = zip(*trainer.model.named_parameters())
+    state = {f"weight/{name}": value.clone() for name, value in zip(names, whole_values(parameters))}  # ZeRO-3 too
     optimizer = backend.torch_optimizer
     # what it updates (under ZeRO this rank's fp32 master partitions) keys its state once it has stepped
     masters = list(optimizer.state) or [p for group in optimizer.param_groups for p in group["params"]]
@@ -214,8 +214,7 @@ def test_two_ranks_skip_the_same_steps_without_hanging(overrides, tmp_path, stag
 
 
 def weights_digest(trainer: Trainer) -> str:
-    with gathered(trainer.model.parameters()):
-        weights = b"".join(p.detach().cpu().numpy().tobytes() for p in trainer.model.parameters())
+    weights = b"".join(value.cpu().numpy().tobytes() for value in whole_values(trainer.model.parameters()))
     return hashlib.sha256(weights).hexdigest()
 
 

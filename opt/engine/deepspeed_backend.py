@@ -109,16 +109,6 @@ def any_rank(flag: bool | torch.Tensor) -> bool:
     return bool(value.item())
 
 
-def gathered(parameters):
-    """Context in which ``parameters`` can be read whole: ZeRO-3 partitioned ones are gathered
-    (read-only; released on exit), whole ones are left as they are. Outside a forward only:
-    inside the engine's forward ZeRO-3 may be fetching the same parameters (use :func:`whole_values`)."""
-    parameters = list(parameters)
-    if any(hasattr(p, "ds_id") for p in parameters):
-        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 def whole_values(parameters) -> list[torch.Tensor]:
     """The full values of ``parameters`` (detached), safe inside the engine's forward. Whole
     parameters are returned as they are; ZeRO-3 partitioned ones are rebuilt from every rank's
@@ -187,7 +177,7 @@ def precision_unsupported(precision: str) -> str | None:
 
 
 class DeepSpeedBackend:
-    """Wraps a DeepSpeed engine: backward, step, checkpoints, parameter gathering."""
+    """Wraps a DeepSpeed engine: forward, backward, step, checkpoints."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: Config) -> None:
         if config.train.precision == "auto":
@@ -199,7 +189,6 @@ class DeepSpeedBackend:
         self.torch_optimizer = optimizer  # what DeepSpeed's optimizer (self.optimizer) wraps, or is
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
-        self.stage = config.train.zero_stage
 
     @property
     def module(self) -> torch.nn.Module:

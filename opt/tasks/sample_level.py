@@ -103,7 +103,7 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 
 def whole(parameters) -> list[torch.Tensor]:
-    """The default way to read the online parameters' values: they are whole already (see ``whole``)."""
+    """The default way to read the online parameters' values: as they are, whole (see :class:`ContrastiveAlignment`)."""
     return [p.detach() for p in parameters]
 
 
