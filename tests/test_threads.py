@@ -35,7 +35,24 @@ def test_the_governor_sets_torch_threads_and_skips_stale_windows(monkeypatch):
         governor.cores, governor.enabled = 2, True
         assert governor.update() == 1 and torch.get_num_threads() == 1  # another process kept a core busy
         assert governor.update() == 2 and torch.get_num_threads() == 2  # it left
-        assert governor.update() == 2  # 18 s since the last look (paused): no decision on that window
+        assert governor.update() == 2  # 18 s since the last step (paused): no decision on that window
         assert governor.update() == 1  # a fresh window: busy again
+    finally:
+        torch.set_num_threads(started)
+
+
+def test_steps_longer_than_the_interval_are_not_taken_for_pauses(monkeypatch):
+    """Beside a competitor, a step with a thread too many can take seconds: every window then spans
+    a step, and the governor still decides on it (it once skipped them all as stale)."""
+    started = torch.get_num_threads()
+    # a step every 4 s; from t=4 another process keeps one core busy
+    samples = iter([(0.0, 0.0, 0.0), (4.0, 6.0, 6.0), (8.0, 14.0, 10.0), (12.0, 22.0, 14.0)])
+    monkeypatch.setattr(ThreadGovernor, "_sample", staticmethod(lambda: next(samples)))
+    try:
+        governor = ThreadGovernor(maximum=2)
+        governor.cores, governor.enabled = 2, True
+        assert governor.update() == 2  # the machine busy only with this process (1.5 cores)
+        assert governor.update() == 1  # others held a core for the whole 4 s step
+        assert governor.update() == 1
     finally:
         torch.set_num_threads(started)

@@ -8,8 +8,8 @@ fell to 0.30 of its idle samples/s beside a plain busy loop and to 0.21 beside a
 (docs/journal/2026-12-06-contention.md). Sleeping instead of spinning (``OMP_WAIT_POLICY=PASSIVE``)
 kept 0.87 under contention but cost the idle step 21%, paid on every small operation.
 
-So the thread count follows the machine instead: every half second, :class:`ThreadGovernor`
-reads how much CPU time the whole machine spent (``/proc/stat``) and how much of it was this
+So the thread count follows the machine instead: every half second (or every step, when steps
+take longer), :class:`ThreadGovernor` reads how much CPU time the whole machine spent (``/proc/stat``) and how much of it was this
 process's own, and runs as many threads as there are cores left over by the others (at least
 one, at most the count torch started with, which ``OMP_NUM_THREADS`` sets). With one thread there
 is no barrier to wait at; on an idle machine nothing changes. The step's own loader workers
@@ -52,6 +52,8 @@ class ThreadGovernor:
         self.enabled = self.maximum > 1 and machine_busy_seconds() is not None
         self.threads = self.maximum
         self._mark = self._sample()
+        self._last_call = self._mark[0]
+        self._typical_gap: float | None = None  # between calls: a step's duration, averaged
 
     @staticmethod
     def _sample() -> tuple[float, float, float]:
@@ -72,12 +74,16 @@ class ThreadGovernor:
         if not self.enabled:
             return self.threads
         now = self._sample()
-        elapsed = now[0] - self._mark[0]
-        if elapsed < self.interval:
+        gap, typical, self._last_call = now[0] - self._last_call, self._typical_gap, now[0]
+        self._typical_gap = gap if typical is None else 0.8 * typical + 0.2 * gap
+        if typical is not None and gap > 4 * typical + self.interval:
+            # the process paused between steps (validation, a checkpoint): what the machine did
+            # then says nothing about the steps to come; a fresh window starts here
+            self._mark = now
+            return self.threads
+        if now[0] - self._mark[0] < self.interval:
             return self.threads
         previous, self._mark = self._mark, now
-        if elapsed > 4 * self.interval:  # the process was paused (validation, a checkpoint): a stale window
-            return self.threads
         threads = self.choose(self.others(previous, now))
         if threads != self.threads:
             torch.set_num_threads(threads)
