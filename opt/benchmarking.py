@@ -22,10 +22,38 @@ def timed(function: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+def interleaved(functions: dict[str, Callable[[], object]], rounds: int,
+                synchronize: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Wall times in seconds of each function, ``rounds`` times, the functions taking turns in
+    every round (after one warm-up call each), so that a slow stretch of a shared machine falls on
+    all of them alike. ``synchronize`` waits for queued device work (``torch.cuda.synchronize``)."""
+    for function in functions.values():
+        function()
+    synchronize()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_and_range(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return median, ordered[0], ordered[-1]
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5,
+                device: torch.device | str = "cpu") -> float:
     """Measured FLOP/s of a square matmul: the practical peak to compare models against."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / timed(lambda: a @ b, repeats)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    return 2 * size**3 / timed(lambda: (a @ b, synchronize()), repeats)
 
 
 def processor_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

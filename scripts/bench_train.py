@@ -3,6 +3,7 @@
     python scripts/bench_train.py [--configs tiny,base] [--arms A,B] [--rounds 3] [--tiny-steps 14] [--base-steps 2]
                                   [--out bench_train.json]
     python scripts/bench_train.py --contention [--seconds 12] [--rounds 3] [--out bench_contention.json]
+    python scripts/bench_train.py --loader [--samples 1600] [--steps 20] [--rounds 3] [--out bench_loader.json]
 
 The step is what ``opt train`` runs for one optimizer step (:func:`opt.engine.trainer.optimizer_step`):
 the whole training forward under the DeepSpeed engine (task mixture, model, momentum encoders),
@@ -14,7 +15,7 @@ Default run, per config (tiny: batch 32; base: batch 4), the arms fp32 / bf16 x 
 (``train.compile``) in the paper's one-task-per-step mode (``tasks.mode=sample``), and fp32 eager
 with every task each step (``sum``): samples/s (median of the rounds and their range), FLOPs per
 sample of the same steps (``torch.utils.flop_counter`` on a replay of exactly the timed steps: the
-same tasks and masks), and utilisation: achieved FLOP/s over a large matmul's FLOP/s measured in
+same tasks and masks, counted in the last round), and utilisation: achieved FLOP/s over a large matmul's FLOP/s measured in
 this process in the arm's precision. The tiny arms live side by side and their rounds interleave;
 a base engine holds ~10 GB, so base arms run one after another (``--base-steps`` steps each round).
 
@@ -23,7 +24,13 @@ a plain Python busy loop, and beside a copy of the same training step (both at n
 with torch's threads chosen by the project's governor (:mod:`opt.engine.threads`, as ``opt train``
 runs) and fixed at the count torch starts with (the step before it), in two processes whose
 windows interleave. Target: with each competitor the step keeps >= 40% of its idle samples/s
-(a fair share of 2 cores is 50%), and the governed idle figure is within 5% of the fixed one.
+(a fair share of 2 cores is 50%), and the governed idle figure is within 5% of the fixed one. The
+fraction of the governed steps run on fewer threads than torch started with is reported per arm: on
+an idle machine it should be 0, the two processes then running the same step.
+
+``--loader``: the tiny step as the demo trains, fed by the training loader's worker processes
+against the same batches held in memory, rounds interleaved (target: the live loader costs at
+most 15%). See :func:`loader_cost`.
 """
 
 from __future__ import annotations
@@ -57,13 +64,13 @@ class RealStep:
     """The trainer's step for one config and arm, on one in-memory batch."""
 
     def __init__(self, name: str, *, precision: str = "fp32", mode: str = "sample", compiled: bool = False,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, tokenizer=None) -> None:
         overrides = [f"train.precision={precision}", f"tasks.mode={mode}", f"train.compile={compiled}",
                      "train.accumulation=1", "train.zero_stage=0", "model.dropout=0.1"]
         self.config = load_config(ROOT / f"configs/{name}.yaml", overrides)
         self.device = init_distributed()
         torch.manual_seed(0)
-        model = OPTModel(ModelSpec.from_config(self.config))
+        model = OPTModel(ModelSpec.from_config(self.config, tokenizer))
         self.backend = build_engine(self.config, model)
         self.batch_size = batch_size or BATCH[name]
         self.batch = dummy_batch(model, self.batch_size) | {"keys": [str(i) for i in range(self.batch_size)]}
@@ -81,20 +88,23 @@ class RealStep:
             mixture.mode = mode
         self()
 
-    def __call__(self) -> None:
-        outcome = optimizer_step(self.backend, [self.batch], self.first + self.index, self.autocast)
+    def __call__(self, batch: dict | None = None) -> None:
+        outcome = optimizer_step(self.backend, [self.batch if batch is None else batch], self.first + self.index,
+                                 self.autocast)
         self.tasks += list(outcome.micro_batches[0][0])
         self.index += 1
 
-    def timed(self, steps: int) -> tuple[float, float]:
-        """Samples/s and FLOPs per sample of ``steps`` steps: timed, then replayed (same tasks and
-        masks: the mixture's generators are put back) under the FLOP counter."""
+    def timed(self, steps: int, count: bool) -> tuple[float, float | None]:
+        """Samples/s of ``steps`` steps and, with ``count``, their FLOPs per sample: the steps
+        replayed (same tasks and masks: the mixture's generators are put back) under the FLOP counter."""
         mixture = self.backend.module.mixture
         generators, index = mixture.extra_state(), self.index
         start = time.perf_counter()
         for _ in range(steps):
             self()
         seconds = time.perf_counter() - start
+        if not count:
+            return steps * self.batch_size / seconds, None
         mixture.load_extra_state(generators)
         self.index = index
         with count_flops() as counter:
@@ -136,9 +146,9 @@ def bench_config(name: str, rounds: int, steps: int, peaks: dict[str, float], in
                 results[f"{name}_{arm}_failed"] = first_line(error)
         rates = {arm: [] for arm in built}
         flops = {}
-        for _ in range(rounds):
+        for round_ in range(rounds):
             for arm, step in built.items():
-                rate, flops[arm] = step.timed(steps)
+                rate, flops[arm] = step.timed(steps, count=round_ == rounds - 1)
                 rates[arm].append(rate)
         for arm in built:
             results |= summarise(name, arm, rates[arm], flops[arm], peaks[settings[arm].get("precision", "fp32")])
@@ -150,7 +160,7 @@ def bench_config(name: str, rounds: int, steps: int, peaks: dict[str, float], in
         except Exception as error:
             results[f"{name}_{arm}_failed"] = first_line(error)
             continue
-        measured = [step.timed(steps) for _ in range(rounds)]
+        measured = [step.timed(steps, count=round_ == rounds - 1) for round_ in range(rounds)]
         results |= summarise(name, arm, [rate for rate, _ in measured], measured[-1][1],
                              peaks[options.get("precision", "fp32")])
         del step
@@ -171,17 +181,18 @@ def step_loop(seconds: float | None, report: bool, fixed: bool) -> dict | None:
     if not report:
         while True:
             step()
-    figures = {}
+    figures, most = {}, torch.get_num_threads()
     for line in sys.stdin:
         arm = line.strip()
         if arm == "done":
             break
-        count, start = 0, time.perf_counter()
+        count, fewer, start = 0, 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             step()
             count += 1
+            fewer += torch.get_num_threads() < most
         figures[arm] = count * step.batch_size / (time.perf_counter() - start)
-        print(json.dumps({arm: figures[arm]}), flush=True)
+        print(json.dumps({arm: figures[arm], "fewer_threads": fewer / count}), flush=True)
     return figures
 
 
@@ -222,6 +233,7 @@ def contention(seconds: float, rounds: int) -> dict:
     for process in measuring.values():
         next_message(process)
     rates = {(policy, arm): [] for policy in policies for arm in CONTENTION_ARMS}
+    fewer = {(policy, arm): [] for policy in policies for arm in CONTENTION_ARMS}
     for _ in range(rounds):
         for arm in CONTENTION_ARMS:
             for policy, process in measuring.items():
@@ -229,7 +241,9 @@ def contention(seconds: float, rounds: int) -> dict:
                 time.sleep(1.0)
                 process.stdin.write(arm + "\n")
                 process.stdin.flush()
-                rates[policy, arm].append(json.loads(next_message(process))[arm])
+                message = json.loads(next_message(process))
+                rates[policy, arm].append(message[arm])
+                fewer[policy, arm].append(message["fewer_threads"])
                 if rival is not None:
                     rival.kill()
                     rival.wait()
@@ -246,8 +260,63 @@ def contention(seconds: float, rounds: int) -> dict:
                         f"{policy}_{arm}_range": f"{min(values):.1f}-{max(values):.1f}"}
             if arm != "idle":
                 results[f"{policy}_{arm}_fraction_of_idle"] = statistics.median(values) / idle
+            if policy == "adaptive":  # how often the governor ran fewer threads than torch started with
+                results[f"adaptive_{arm}_steps_on_fewer_threads"] = statistics.mean(fewer[policy, arm])
     results["adaptive_idle_vs_fixed_threads"] = (results["adaptive_idle_samples_per_s"]
                                                  / results["fixed_threads_idle_samples_per_s"])
+    return results
+
+
+# -- live loader -------------------------------------------------------------------------------
+
+def loader_cost(rounds: int, samples: int, steps: int) -> dict:
+    """The tiny step as the demo trains (fp32, sample mode, batch 32; its loader: 2 workers, decoded
+    samples cached) fed by the training loader, against the same step on batches it gave before,
+    held in memory. A world of ``samples`` training samples is synthesized first; the loader runs
+    one full pass before the rounds (its first-pass rate is reported: decoding every sample), so
+    the rounds see what a run sees after its first epoch. Each round times ``steps`` steps of
+    each arm in turn; the loader's iterator lives across rounds, as in training."""
+    import itertools
+    import tempfile
+
+    from opt.data.pipeline import BatchLoader
+    from opt.data.shards import resolve_shards
+    from opt.data.world.synth import synthesize_world
+    from opt.text.tokenizer import iter_shard_captions, train_tokenizer
+
+    config = load_config(ROOT / "configs/tiny.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        world = Path(tmp) / "world"
+        synthesize_world(world, {"train": samples, "val": 0, "test": 0, "test_novel": 0}, seed=0,
+                         shard_size=max(1, samples // 8), workers=2, progress=False)
+        tokenizer = train_tokenizer(iter_shard_captions(resolve_shards(str(world))), Path(tmp) / "tokenizer.model",
+                                    vocab_size=config.tokenizer.vocab_size)
+        step = RealStep("tiny", tokenizer=tokenizer)
+        loader = BatchLoader(f"{world}/train-*.tar", step.config.data, step.config.audio, tokenizer, train=True,
+                             seed=0)
+        batches = iter(loader)
+        step(next(batches))  # worker start-up is not throughput
+        first_pass = samples // step.batch_size
+        start = time.perf_counter()
+        in_memory = []
+        for batch in itertools.islice(batches, first_pass):
+            step(batch)
+            in_memory.append(batch)
+        results = {"loader_world_samples": samples,
+                   "loader_first_pass_samples_per_s": len(in_memory) * step.batch_size / (time.perf_counter() - start)}
+        rates = {"in_memory": [], "live_loader": []}
+        for _ in range(rounds):
+            for arm in rates:
+                start = time.perf_counter()
+                for index in range(steps):
+                    step(in_memory[index % len(in_memory)] if arm == "in_memory" else next(batches))
+                rates[arm].append(steps * step.batch_size / (time.perf_counter() - start))
+        del batches
+    for arm, values in rates.items():
+        results |= {f"loader_{arm}_samples_per_s": statistics.median(values),
+                    f"loader_{arm}_range": f"{min(values):.1f}-{max(values):.1f}"}
+    results["loader_live_cost"] = 1 - results["loader_live_loader_samples_per_s"] / results[
+        "loader_in_memory_samples_per_s"]
     return results
 
 
@@ -268,6 +337,9 @@ def main() -> None:
                         "fp32_compiled_sample, bf16_eager_sample, bf16_compiled_sample, fp32_eager_sum)")
     parser.add_argument("--contention", action="store_true", help="the contention benchmark instead")
     parser.add_argument("--seconds", type=float, default=12.0, help="--contention: seconds per window")
+    parser.add_argument("--loader", action="store_true", help="the live-loader benchmark instead")
+    parser.add_argument("--samples", type=int, default=1600, help="--loader: training samples in its world")
+    parser.add_argument("--steps", type=int, default=20, help="--loader: steps per arm and round")
     parser.add_argument("--out", help="also write the figures as JSON")
     parser.add_argument("--measure", type=float, help=argparse.SUPPRESS)  # --contention's measuring process
     parser.add_argument("--step-loop", action="store_true", help=argparse.SUPPRESS)  # its copy of the step
@@ -280,6 +352,10 @@ def main() -> None:
     report(results)
     if args.contention:
         figures = contention(args.seconds, args.rounds)
+        report(figures)
+        results |= figures
+    elif args.loader:
+        figures = loader_cost(args.rounds, args.samples, args.steps)
         report(figures)
         results |= figures
     else:

@@ -18,6 +18,7 @@ from opt.model.generation import (
     filter_logits,
     generate_image_codes_autoregressive,
     generate_image_codes_parallel,
+    sample_categorical,
     generate_text,
 )
 from opt.model.layers import Attention, attention_mask, distance_bias, with_bias
@@ -304,6 +305,31 @@ def test_filter_logits_keeps_top_k_and_the_nucleus():
     probabilities = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...
     kept = torch.isfinite(filter_logits(logits, top_p=0.7))[0]
     assert kept.tolist() == [True, True, False, False, False] and probabilities[0] < 0.7
+
+
+def test_sample_categorical_draws_each_index_at_its_probability_and_never_a_zero_one():
+    probabilities = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    draws = sample_categorical(probabilities.expand(40000, -1), torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=6) / len(draws)
+    assert frequencies[probabilities == 0].sum() == 0
+    # binomial standard error at n = 40,000 is at most 0.0025: 4 of them
+    torch.testing.assert_close(frequencies, probabilities, atol=0.01, rtol=0)
+    first = sample_categorical(probabilities.expand(8, -1), torch.Generator().manual_seed(3))
+    assert torch.equal(first, sample_categorical(probabilities.expand(8, -1), torch.Generator().manual_seed(3)))
+
+
+def test_selected_positions_get_the_logits_of_the_full_forward(model_and_batch):
+    model, batch = model_and_batch
+    fused = model.fuse(model.encode_unimodal(batch, modalities=("text",)), ("text",))
+    decoder = model.image_decoder.eval()
+    tokens = torch.randint(0, 64, (len(batch["keys"]), 64))
+    tokens[:, ::3] = decoder.mask_id
+    select = (tokens == decoder.mask_id).nonzero()[:, 1].reshape(len(tokens), -1)
+    with torch.no_grad():
+        full = decoder(tokens, fused["states"], fused["mask"], causal=False)
+        chosen = decoder(tokens, fused["states"], fused["mask"], causal=False, select=select)
+    assert chosen.shape == (len(tokens), 22, full.shape[-1])
+    torch.testing.assert_close(chosen, full.gather(1, select[..., None].expand(-1, -1, full.shape[-1])))
 
 
 @pytest.mark.parametrize("decoding", ["parallel", "autoregressive"])

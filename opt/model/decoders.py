@@ -90,8 +90,10 @@ class ImageTokenDecoder(nn.Module):
         return self.transformer.new_cache(self_attention=self_attention)
 
     def forward(self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, *, causal: bool,
-                cache: list[LayerCache] | None = None, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (b, t, codebook_size) for input tokens (b, t) (codes, [MASK] or [BOS]).
+                cache: list[LayerCache] | None = None, drop_condition: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (b, t, codebook_size) for input tokens (b, t) (codes, [MASK] or [BOS]);
+        with ``select`` (b, m) indices into t, only those positions' logits (b, m, codebook_size).
 
         ``drop_condition`` (b,) True replaces that sample's context by the learned null
         context (a single key): condition dropout in training, the unconditional half of
@@ -112,4 +114,6 @@ class ImageTokenDecoder(nn.Module):
                                        keys=offset + tokens.shape[1], device=tokens.device)
         x = self.transformer(x, mask=self_mask, context=context, context_mask=context_mask[:, None, None, :],
                              cache=cache)
+        if select is not None:
+            x = x.gather(1, select[..., None].expand(-1, -1, x.shape[-1]))
         return self.head(x)
