@@ -28,7 +28,8 @@ from opt.downstream.captioning import caption_batch, parse_inputs
 from opt.downstream.common import LoadedModel, load_model
 from opt.downstream.files import collate, decode_inputs
 from opt.downstream.index import embed_batch
-from opt.downstream.text_to_image import generate_images, prompt_batch, to_uint8
+from opt.downstream.text_to_image import generate_images, prompt_batch
+from opt.viz import to_uint8
 from opt.errors import UserError
 from opt.model.opt_model import OPTModel
 from opt.text.tokenizer import Tokenizer

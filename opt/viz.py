@@ -13,6 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
+def to_uint8(image: torch.Tensor):
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8 numpy."""
+    return (image.permute(1, 2, 0) * 255).round().clamp(0, 255).byte().numpy()
+
+
 def save_image_grid(images: list[torch.Tensor], out: str | Path, *, titles: list[str] | None = None,
                     columns: int = 8, row_labels: list[str] | None = None, title_lines: int = 4) -> Path:
     """Write ``images`` ((3, H, W) in [0, 1]) as a grid PNG with optional titles

@@ -16,7 +16,7 @@ from opt.config import load_config
 from opt.data.pipeline import BatchLoader
 from opt.data.world.attributes import aggregate
 from opt.data.world.image_analysis import score_image
-from opt.downstream.text_to_image import to_uint8
+from opt.viz import to_uint8
 from opt.model.vq import load_vq
 
 COLUMNS = ("overall", "color", "size", "position_or_relation", "shape", "count")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import ImageFilter
 
-from opt.data.world.facts import COLORS, POSITIONS, REFERENCE_SIZE, Scene, WorldObject, sample_scene
-from opt.data.world.image_analysis import analyse_image, find_objects, score_image
+from opt.data.world.facts import COLORS, Scene, WorldObject, sample_scene
+from opt.data.world.image_analysis import analyse_image, find_objects, readable_positions, score_image
 from opt.data.world.render import render
 
 
@@ -16,16 +16,6 @@ def rendered(count: int, image_size: int = 64, seed: int = 0):
     for _ in range(count):
         scene = sample_scene(rng, image_size, novel=None, held_out=set())
         yield scene, render(scene, image_size, rng)
-
-
-def position_is_readable(facts: dict, image_size: int) -> bool:
-    """False when the drawn box's centre lies exactly halfway between two regions (it is on whole pixels)."""
-    if facts["relation"] is not None:
-        return True
-    x0, y0, x1, y1 = (v * REFERENCE_SIZE / image_size for v in facts["objects"][0]["bbox"])
-    centre = ((x0 + x1) / 2, (y0 + y1) / 2)
-    distances = sorted(np.hypot(x - centre[0], y - centre[1]) for x, y in POSITIONS.values())
-    return distances[1] - distances[0] > 1e-9
 
 
 def scene_of(*objects: WorldObject, relation: str | None = None) -> Scene:
@@ -43,9 +33,7 @@ RED_CIRCLE_LEFT_OF_BLUE_STAR = scene_of(world_object("circle", "red", (6, 24, 18
 
 @pytest.mark.parametrize("image_size, count", [(64, 300), (128, 40)])
 def test_rendered_scenes_read_back_their_facts(image_size, count):
-    scenes = [(scene, image) for scene, image in rendered(count, image_size)
-              if position_is_readable(scene.facts(), image_size)]
-    assert len(scenes) >= 0.95 * count
+    scenes = list(rendered(count, image_size))  # a centre on a region edge reads as either region
     assert any(len(scene.objects) == 2 for scene, _ in scenes)
     assert any(obj.size == "small" for scene, _ in scenes for obj in scene.objects)
     scores = [score_image(image, scene.facts()) for scene, image in scenes]
@@ -105,7 +93,7 @@ def test_an_empty_canvas_has_no_objects_and_specks_are_ignored():
 
 def test_mildly_blurred_drawings_are_still_read():
     scores = [score_image(image.filter(ImageFilter.GaussianBlur(0.7)), scene.facts())
-              for scene, image in rendered(60, seed=2) if position_is_readable(scene.facts(), 64)]
+              for scene, image in rendered(60, seed=2)]
     assert np.mean([s["overall"] for s in scores]) >= 0.9
     assert np.mean([s["shape"] for s in scores]) >= 0.8
 
@@ -115,3 +103,13 @@ def test_rgba_images_are_converted_and_non_rgb_arrays_rejected():
     assert score_image(image, RED_CIRCLE_LEFT_OF_BLUE_STAR.facts())["overall"] == 1.0
     with pytest.raises(ValueError):
         analyse_image(np.zeros((64, 64), dtype=np.uint8))
+
+
+def test_a_centre_on_the_edge_of_two_regions_reads_as_either():
+    assert readable_positions((40.0, 25.0)) == {"center", "right"}  # 10.63 px from both centres
+    assert readable_positions((39.0, 25.0)) == {"center"}
+    assert readable_positions((32.0, 32.0)) == {"center"}
+    # a val scene of the demo world: a large circle drawn at x 29-51, y 14-36, named "center"
+    circle = scene_of(world_object("circle", "purple", (29, 14, 51, 36), position="center"))
+    image = render(circle, 64, np.random.default_rng(0))
+    assert score_image(image, circle.facts())["position_or_relation"] == 1.0

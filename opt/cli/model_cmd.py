@@ -38,6 +38,11 @@ def run_vq_train(args: argparse.Namespace) -> None:
     print(f"vq: val PSNR {metrics['psnr']:.2f} dB over {metrics['images']} images; codebook perplexity "
           f"{metrics['perplexity']:.1f}, {100 * metrics['used_fraction']:.1f}% of {metrics['codebook_size']} codes "
           f"used -> {args.out} (reconstructions.png, metrics.json)")
+    attributes = metrics.get("reconstruction_attributes")
+    if attributes:
+        print(f"vq: of {attributes['objects']} val objects, the reconstructions keep the colour of "
+              f"{attributes['color']:.3f}, size {attributes['size']:.3f}, position {attributes['position_or_relation']:.3f}, "
+              f"shape {attributes['shape']:.3f} (read by the world's analyser)")
 
 
 def run_init(args: argparse.Namespace) -> None:

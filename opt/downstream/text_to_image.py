@@ -31,7 +31,7 @@ from opt.downstream.plugins import EvaluationPlugin
 from opt.errors import UserError
 from opt.files import write_atomic
 from opt.model.generation import generate_image_codes_autoregressive, generate_image_codes_parallel
-from opt.viz import save_image_grid
+from opt.viz import save_image_grid, to_uint8
 
 DECODINGS = ("parallel", "autoregressive")
 # on the demo model autoregressive decoding drew colour, size and position better than
@@ -117,11 +117,6 @@ def generate_images(loaded: LoadedModel, batch: dict, *, decoding: str = DEFAULT
             images = images[scores.argmax(1) + candidates * torch.arange(scores.shape[0], device=scores.device)]
         chosen.append(images.cpu())
     return torch.cat(chosen)
-
-
-def to_uint8(image: torch.Tensor):
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8 numpy."""
-    return (image.permute(1, 2, 0) * 255).round().clamp(0, 255).byte().numpy()
 
 
 def save_generations(images: torch.Tensor, prompts: list[str], out: str | Path, *, samples: int) -> list[Path]:

@@ -3,7 +3,9 @@
 ``opt vq train --config FILE --data SHARDS --out DIR [--device cuda]`` writes
 ``DIR`` as a VQ directory (config + safetensors) plus ``reconstructions.png``
 (originals above their reconstructions) and ``metrics.json`` (val PSNR,
-codebook perplexity and the fraction of codes used).
+codebook perplexity and the fraction of codes used; on the synthetic world, the fraction of
+objects whose colour, size, shape and position the world's analyser reads right off the
+reconstructions).
 
 The model, batches and metrics live on one device (default ``cpu``, as every
 ``--device``: :mod:`opt.devices`). There is no data parallelism: started by a
@@ -23,13 +25,14 @@ from tqdm import tqdm
 
 from opt.config import Config
 from opt.data.pipeline import BatchLoader
+from opt.data.world.image_analysis import object_attribute_accuracy
 from opt.devices import resolve_device
 from opt.engine.threads import adapt_threads
 from opt.engine.schedule import warmup_decay
 from opt.errors import UserError
 from opt.files import write_atomic
 from opt.model.vq import VQTokenizer, codebook_usage, psnr, reconstruction_loss, save_vq
-from opt.viz import save_image_grid
+from opt.viz import save_image_grid, to_uint8
 
 
 def _image_only(config: Config) -> Config:
@@ -46,11 +49,13 @@ def refuse_several_processes() -> None:
 
 @torch.no_grad()
 def evaluate_vq(model: VQTokenizer, loader: BatchLoader, max_batches: int | None = None) -> dict:
-    """Mean PSNR and codebook usage over ``loader`` on the model's device; also returns one
-    batch (originals, reconstructions) on the CPU for pictures."""
+    """Mean PSNR and codebook usage over ``loader`` on the model's device; on the synthetic
+    world, also ``reconstruction_attributes``: per attribute, the fraction of the images' objects
+    the world's analyser reads right off their reconstructions (colour, size, shape, position).
+    Also returns one batch (originals, reconstructions) on the CPU for pictures."""
     model.eval()
     device = next(model.parameters()).device
-    scores, codes, first = [], [], None
+    scores, codes, first, rebuilt, facts = [], [], None, [], []
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
@@ -58,12 +63,20 @@ def evaluate_vq(model: VQTokenizer, loader: BatchLoader, max_batches: int | None
         out = model(pixels)
         scores.append(psnr(out["reconstruction"], pixels).cpu())
         codes.append(out["codes"].cpu())
+        reconstruction = out["reconstruction"].clamp(0, 1).cpu()
         if first is None:
-            first = (pixels.cpu(), out["reconstruction"].clamp(0, 1).cpu())
+            first = (pixels.cpu(), reconstruction)
+        for image, fact in zip(reconstruction, batch.get("meta") or []):
+            if isinstance(fact, dict) and fact.get("objects"):  # the synthetic world's facts
+                rebuilt.append(to_uint8(image))
+                facts.append(fact)
     model.train()
     all_scores = torch.cat(scores)
     metrics = {"psnr": float(all_scores.mean()), "images": int(all_scores.numel())}
     metrics |= codebook_usage(torch.cat(codes), model.codebook_size)
+    attributes = object_attribute_accuracy(rebuilt, facts)
+    if attributes:  # what the world's analyser reads back from the reconstructions, per object
+        metrics["reconstruction_attributes"] = attributes
     return metrics | {"_pictures": first}
 
 
