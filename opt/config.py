@@ -104,6 +104,12 @@ class AudioConfig:
     hop_length: int = ranged(160, ge=1)  # frame step in samples (10 ms at 16 kHz)
     max_seconds: float = ranged(6.0, gt=0)  # longer audio is clipped, shorter is padded (and masked)
     mean_normalize: bool = True  # subtract each utterance's mean per mel band (cepstral mean normalisation)
+    # SpecAugment in training (opt/data/augment.py), on the log-mel features every task reads but
+    # masked audio modelling (whose targets are those features)
+    time_masks: int = ranged(0, ge=0)  # SpecAugment: time spans masked per utterance in training (0: off)
+    time_mask_frames: int = ranged(20, ge=1)  # SpecAugment: the widest time span, in frames
+    freq_masks: int = ranged(0, ge=0)  # SpecAugment: mel-band spans masked per utterance in training (0: off)
+    freq_mask_bands: int = ranged(8, ge=1)  # SpecAugment: the widest mel-band span, in bins
 
 
 @dataclass

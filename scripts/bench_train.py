@@ -1,6 +1,7 @@
 """Training-step benchmark: the trainer's real step, measured side by side in one run.
 
     python scripts/bench_train.py [--configs tiny,base] [--arms A,B] [--rounds 3] [--tiny-steps 14] [--base-steps 2]
+                                  [--base-batch 4]
                                   [--out bench_train.json]
     python scripts/bench_train.py --contention [--seconds 12] [--rounds 3] [--out bench_contention.json]
     python scripts/bench_train.py --loader [--samples 1600] [--steps 20] [--rounds 3] [--out bench_loader.json]
@@ -333,6 +334,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per arm (median and range)")
     parser.add_argument("--tiny-steps", type=int, default=14, help="steps per round, tiny")
     parser.add_argument("--base-steps", type=int, default=2, help="steps per round, base")
+    parser.add_argument("--base-batch", type=int, default=BATCH["base"],
+                        help="base batch size (4 needs more than 24 GB of memory)")
     parser.add_argument("--arms", help="comma-separated arms to run (default all: fp32_eager_sample, "
                         "fp32_compiled_sample, bf16_eager_sample, bf16_compiled_sample, fp32_eager_sum)")
     parser.add_argument("--contention", action="store_true", help="the contention benchmark instead")
@@ -363,6 +366,7 @@ def main() -> None:
         figures = {f"{precision}_matmul_gflops_per_s": peak / 1e9 for precision, peak in peaks.items()}
         report(figures)
         results |= figures
+        BATCH["base"] = args.base_batch
         for name in args.configs.split(","):
             steps = args.tiny_steps if name == "tiny" else args.base_steps
             figures = bench_config(name, args.rounds, steps, peaks, interleave=name == "tiny",

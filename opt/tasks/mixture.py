@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from opt.config import GENERATION_CONDITIONS, TASK_NAMES, Config
+from opt.data.augment import augment_audio
 from opt.model.opt_model import OPTModel
 from opt.tasks.base import TaskGenerators, TaskOutput
 from opt.tasks.modality_level import ImageDecoding, TextDecoding
@@ -73,6 +74,7 @@ class TaskMixture(nn.Module):
         main_conditions = {task: None for task in GENERATION_CONDITIONS}
         self.schedule.append((None, self._weights(config.tasks.weights), main_conditions))
         self.mode = config.tasks.mode
+        self.audio = config.audio  # SpecAugment's settings
         if rank is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.generators = TaskGenerators(
@@ -107,11 +109,13 @@ class TaskMixture(nn.Module):
         """Total loss of optimizer step ``step`` and metrics per task run (detached tensors)."""
         total, metrics = None, {}
         weights, conditions = self.phase_at(step)
+        augmented = augment_audio(batch, self.audio, self.generators.local) if self.training else batch
         for name in self.choose(step):
             if self.training and name in self.stateful:
                 self._keep(name)
             options = {"conditions": conditions[name]} if name in conditions else {}
-            output: TaskOutput = self.task(name)(model, batch, self.generators, **options)
+            inputs = batch if name == "mam" else augmented  # masked audio modelling's targets are the features
+            output: TaskOutput = self.task(name)(model, inputs, self.generators, **options)
             weight = 1.0 if self.mode == "sample" else float(weights[self.names.index(name)])
             total = output.loss * weight if total is None else total + output.loss * weight
             metrics[name] = output.metrics
