@@ -169,7 +169,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 rounds instead of 5, smaller base batches")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dropout", type=float, default=0.0, help="the cross-encoder comparison's dropout, both models")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="the cross-encoder comparison's dropout, both models")
     parser.add_argument("--parts", default="text,image,cross", help="comma-separated: text, image, cross")
     parser.add_argument("--out", help="also write the figures as JSON")
     args = parser.parse_args()

@@ -16,9 +16,10 @@ Default run, per config (tiny: batch 32; base: batch 4), the arms fp32 / bf16 x 
 (``train.compile``) in the paper's one-task-per-step mode (``tasks.mode=sample``), and fp32 eager
 with every task each step (``sum``): samples/s (median of the rounds and their range), FLOPs per
 sample of the same steps (``torch.utils.flop_counter`` on a replay of exactly the timed steps: the
-same tasks and masks, counted in the last round), and utilisation: achieved FLOP/s over a large matmul's FLOP/s measured in
-this process in the arm's precision. The tiny arms live side by side and their rounds interleave;
-a base engine holds ~10 GB, so base arms run one after another (``--base-steps`` steps each round).
+same tasks and masks, counted in the last round), and utilisation: achieved FLOP/s over a large
+matmul's FLOP/s measured in this process in the arm's precision. The tiny arms live side by side
+and their rounds interleave; base arms run one after another (``--base-steps`` steps each round):
+a base engine at batch 4 outgrew 24 GB of memory, so ``--base-batch 1`` on such a machine.
 
 ``--contention``: the tiny step (fp32, eager, ``sum`` mode: every step the same work; batch 8) alone, beside
 a plain Python busy loop, and beside a copy of the same training step (both at normal priority),

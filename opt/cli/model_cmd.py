@@ -41,8 +41,9 @@ def run_vq_train(args: argparse.Namespace) -> None:
     attributes = metrics.get("reconstruction_attributes")
     if attributes:
         print(f"vq: of {attributes['objects']} val objects, the reconstructions keep the colour of "
-              f"{attributes['color']:.3f}, size {attributes['size']:.3f}, position {attributes['position_or_relation']:.3f}, "
-              f"shape {attributes['shape']:.3f} (read by the world's analyser)")
+              f"{attributes['color']:.3f}, size {attributes['size']:.3f}, "
+              f"position {attributes['position_or_relation']:.3f}, shape {attributes['shape']:.3f} "
+              "(read by the world's analyser)")
 
 
 def run_init(args: argparse.Namespace) -> None:

@@ -9,11 +9,12 @@ fell to 0.30 of its idle samples/s beside a plain busy loop and to 0.21 beside a
 kept 0.87 under contention but cost the idle step 21%, paid on every small operation.
 
 So the thread count follows the machine instead: every half second (or every step, when steps
-take longer), :class:`ThreadGovernor` reads how much CPU time the whole machine spent (``/proc/stat``) and how much of it was this
-process's own, and runs as many threads as there are cores left over by the others (at least
-one, at most the count torch started with, which ``OMP_NUM_THREADS`` sets). With one thread there
-is no barrier to wait at; on an idle machine nothing changes. The step's own loader workers
-are other processes too: while they decode, the step leaves them their cores.
+take longer), :class:`ThreadGovernor` reads how much CPU time the whole machine spent
+(``/proc/stat``) and how much of it was this process's own, and runs as many threads as there
+are cores left over by the others (at least one, at most the count torch started with, which
+``OMP_NUM_THREADS`` sets). With one thread there is no barrier to wait at; on an idle machine
+nothing changes. The step's own loader workers are other processes too: while they decode, the
+step leaves them their cores.
 """
 
 from __future__ import annotations

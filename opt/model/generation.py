@@ -174,8 +174,8 @@ def generate_image_codes_parallel(decoder: ImageTokenDecoder, context: torch.Ten
     cache = decoder.new_cache(self_attention=False)  # the context's keys and values, computed once
     for step in range(steps):
         open_positions = (tokens == decoder.mask_id).nonzero()[:, 1].reshape(batch, -1)  # (b, m), row-major
-        logits = _guided_logits(decoder, tokens, context, context_mask, causal=False, guidance=guidance, cache=cache,
-                                select=open_positions)
+        logits = _guided_logits(decoder, tokens, context, context_mask, causal=False, guidance=guidance,
+                                cache=cache, select=open_positions)
         probabilities = (logits / max(temperature, 1e-5)).softmax(-1)
         sampled = sample_categorical(probabilities, generator)  # (b, m)
         confidence = probabilities.gather(-1, sampled[..., None]).squeeze(-1).log()
