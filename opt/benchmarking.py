@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,10 +43,7 @@ def interleaved(functions: dict[str, Callable[[], object]], rounds: int,
 
 def median_and_range(values: list[float]) -> tuple[float, float, float]:
     """(median, min, max)."""
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return median, ordered[0], ordered[-1]
+    return statistics.median(values), min(values), max(values)
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5,

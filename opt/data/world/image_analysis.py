@@ -204,9 +204,15 @@ def find_objects(image: np.ndarray | Image.Image) -> list[FoundObject]:
     return sorted(found, key=lambda obj: (obj.bbox[1], obj.bbox[0]))
 
 
+def _region_distances(centre: tuple[float, float]) -> dict[str, float]:
+    """Distance from ``centre`` ((x, y) px at 64) to each region's centre."""
+    return {name: ((x - centre[0]) ** 2 + (y - centre[1]) ** 2) ** 0.5 for name, (x, y) in POSITIONS.items()}
+
+
 def nearest_position(centre: tuple[float, float]) -> str:
     """The region whose centre is nearest to ``centre`` ((x, y) px at 64)."""
-    return min(POSITIONS, key=lambda name: (POSITIONS[name][0] - centre[0]) ** 2 + (POSITIONS[name][1] - centre[1]) ** 2)
+    distance = _region_distances(centre)
+    return min(distance, key=distance.get)
 
 
 BOUNDARY_TOLERANCE = 0.5  # px at 64: over twice the centre estimate's error
@@ -217,7 +223,7 @@ def readable_positions(centre: tuple[float, float]) -> set[str]:
     within :data:`BOUNDARY_TOLERANCE` of it. Adjacent regions share an edge (a box of side 16 around
     each centre) and the drawn box lies on whole pixels, so a centre can fall on that edge (about 1
     in 200 one-object scenes), where the pixels show either region."""
-    distance = {name: ((x - centre[0]) ** 2 + (y - centre[1]) ** 2) ** 0.5 for name, (x, y) in POSITIONS.items()}
+    distance = _region_distances(centre)
     nearest = min(distance.values())
     return {name for name, value in distance.items() if value <= nearest + BOUNDARY_TOLERANCE}
 
