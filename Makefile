@@ -32,7 +32,7 @@ demo: $(STAMP) $(DEMO_RUN)/report/report.md
 
 # synth resumes by itself (finished shards are kept); the stamp marks a complete world
 $(WORLD)/.complete: | $(STAMP)
-	$(BIN)/opt data synth --out $(WORLD) --train 4000 --val 400 --test 500 --test-novel 500 --seed 0 --workers 2
+	$(BIN)/opt data synth --out $(WORLD) --train 4000 --val 400 --test 500 --test-novel 500 --test-unseen 500 --seed 0 --workers 2
 	$(BIN)/opt data preview --data '$(WORLD)/test-*.tar' --out $(DEMO_RUN)/world_preview.png
 	touch $@
 

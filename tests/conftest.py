@@ -11,7 +11,7 @@ from opt.data.shards import resolve_shards
 from opt.data.world.synth import synthesize_world
 from opt.text.tokenizer import TextTokenizer, iter_shard_captions, train_tokenizer
 
-WORLD_COUNTS = {"train": 240, "val": 24, "test": 24, "test_novel": 40}
+WORLD_COUNTS = {"train": 240, "val": 24, "test": 24, "test_novel": 40, "test_unseen": 16}
 WORLD_SEED = 3
 
 

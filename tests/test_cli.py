@@ -46,15 +46,15 @@ def test_debug_shows_the_traceback():
 def test_synth_check_and_preview_end_to_end(tmp_path, tokenizer, capsys):
     out = tmp_path / "w"
     argv = ["data", "synth", "--out", str(out), "--train", "12", "--val", "4", "--test", "4", "--test-novel", "4",
-            "--seed", "2", "--shard-size", "8", "--workers", "2"]
+            "--test-unseen", "4", "--seed", "2", "--shard-size", "8", "--workers", "2"]
     assert main(argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"train": 12, "val": 4, "test": 4, "test_novel": 4}
+    assert manifest["counts"] == {"train": 12, "val": 4, "test": 4, "test_novel": 4, "test_unseen": 4}
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(n for names in manifest["shards"].values() for n in names)
     tokenizer.save(tmp_path / "tok.model")
     assert main(["data", "check", "--data", str(out), "--tokenizer", str(tmp_path / "tok.model"),
                  "data.workers=0"]) == 0
-    assert "24 samples used; 0 skipped" in capsys.readouterr().out
+    assert "28 samples used; 0 skipped" in capsys.readouterr().out
     assert main(["data", "preview", "--data", f"{out}/test-*.tar", "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(argv[:-6] + ["--seed", "3", "--shard-size", "8"]) == 2  # same dir, other seed: refused

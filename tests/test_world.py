@@ -14,9 +14,20 @@ import soundfile as sf
 import webdataset as wds
 from PIL import Image
 
-from opt.data.world.captions import POSITION_PHRASES, RELATION_PHRASES
+from opt.data.world.attributes import score_caption
+from opt.data.world.captions import (
+    ONE_OBJECT,
+    POSITION_PHRASES,
+    RELATION_PHRASES,
+    TWO_OBJECTS,
+    UNSEEN_ONE_OBJECT,
+    UNSEEN_POSITION_PHRASES,
+    UNSEEN_TWO_OBJECTS,
+)
 from opt.data.world.facts import COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, held_out_pairs
+from opt.data.world.speech import UNSEEN_VOICES, VOICES
 from opt.data.world.synth import synthesize_world
+from opt.errors import UserError
 from tests.conftest import WORLD_COUNTS, WORLD_SEED
 
 
@@ -95,10 +106,11 @@ def test_captions_state_the_facts_in_the_metadata(splits):
         expected = [{k: o[k] for k in ("size", "color", "shape")} for o in meta["objects"]]
         assert named == expected, caption
         if meta["relation"] is None:
-            assert POSITION_PHRASES[meta["objects"][0]["position"]] in caption
+            places = UNSEEN_POSITION_PHRASES if meta["split"] == "test_unseen" else POSITION_PHRASES
+            assert places[meta["objects"][0]["position"]] in caption
             assert not any(phrase in caption for phrase in RELATION_PHRASES.values())
         else:
-            assert f"{named[0]['shape']} {RELATION_PHRASES[meta['relation']]}" in caption.replace(" is ", " ")
+            assert f"{named[0]['shape']} {RELATION_PHRASES[meta['relation']]}" in caption.replace(" is ", " ").replace(" sits ", " ")
 
 
 def test_several_phrasings_are_used(splits):
@@ -111,6 +123,53 @@ def test_several_phrasings_are_used(splits):
             caption = caption.replace(phrase, "P")
         templates[caption] += 1
     assert len(templates) >= 4 + 3
+
+
+def _frame(caption: str, meta: dict) -> str:
+    """The caption with its objects as {obj} / {first} / {second} and its place as {where} or {relation}."""
+    objects = meta["objects"]
+    names = ["obj"] if len(objects) == 1 else ["first", "second"]
+    for name, obj in zip(names, objects):
+        caption = caption.replace(f"{obj['size']} {obj['color']} {obj['shape']}", "{" + name + "}", 1)
+    if meta["relation"] is None:
+        for places in (UNSEEN_POSITION_PHRASES, POSITION_PHRASES):  # "on the right side" before "on the right"
+            caption = caption.replace(places[objects[0]["position"]], "{where}")
+    return caption.replace(RELATION_PHRASES.get(meta["relation"] or "", "-"), "{relation}")
+
+
+def test_test_unseen_has_voices_and_phrasings_no_other_split_has(splits):
+    assert not set(UNSEEN_VOICES) & set(VOICES)
+    assert not {v.split("+")[0] for v in UNSEEN_VOICES} & {v.split("+")[0] for v in VOICES}  # accents too
+    assert not {v.partition("+")[2] for v in UNSEEN_VOICES} & {v.partition("+")[2] for v in VOICES}  # timbres
+    assert not set(UNSEEN_POSITION_PHRASES.values()) & set(POSITION_PHRASES.values())
+    seen_frames, unseen_frames = set(ONE_OBJECT + TWO_OBJECTS), set(UNSEEN_ONE_OBJECT + UNSEEN_TWO_OBJECTS)
+    assert not seen_frames & unseen_frames
+    held_out = set(held_out_pairs(WORLD_SEED))
+    for split, samples in splits.items():
+        unseen = split == "test_unseen"
+        for sample in samples:
+            meta = facts(sample)
+            assert (meta["voice"]["name"] in UNSEEN_VOICES) == unseen, (split, meta["voice"])
+            assert (_frame(sample["txt"].decode(), meta) in unseen_frames) == unseen, (split, sample["txt"])
+            # the world's caption reader reads every phrasing, seen or not
+            assert score_caption(sample["txt"].decode(), meta)["overall"] == 1.0, sample["txt"]
+            if unseen:  # the facts are the training distribution's: no held-out pair
+                assert not {(o["color"], o["shape"]) for o in meta["objects"]} & held_out
+    assert len({facts(s)["voice"]["name"] for s in splits["test_unseen"]}) >= 3
+
+
+def test_a_split_can_be_added_to_an_existing_world_and_nothing_else_changes(tmp_path):
+    counts = {"train": 6, "val": 0, "test": 0, "test_novel": 0, "test_unseen": 0}
+    synthesize_world(tmp_path, counts, seed=5, shard_size=10, workers=1, progress=False)
+    train = (tmp_path / "train-000000.tar").read_bytes()
+    manifest = synthesize_world(tmp_path, counts | {"test_unseen": 4}, seed=5, shard_size=10, workers=1,
+                                progress=False)
+    assert manifest["counts"]["test_unseen"] == 4 and (tmp_path / "test_unseen-000000.tar").is_file()
+    assert (tmp_path / "train-000000.tar").read_bytes() == train
+    with pytest.raises(UserError, match="already holds a world with 6 train samples"):
+        synthesize_world(tmp_path, counts | {"train": 8}, seed=5, shard_size=10, workers=1, progress=False)
+    with pytest.raises(UserError, match="different seed"):
+        synthesize_world(tmp_path, counts, seed=6, shard_size=10, workers=1, progress=False)
 
 
 def test_images_match_their_facts(splits):

@@ -23,7 +23,7 @@ def scenes(count: int, seed: int = 0):
         yield scene, caption(scene, rng), np.asarray(render(scene, 64, rng))
 
 
-def test_world_splits_are_the_test_and_test_novel_shards_present(tmp_path):
+def test_world_splits_are_the_test_test_novel_and_test_unseen_shards_present(tmp_path):
     assert PLUGIN.splits(tmp_path) == {}
     (tmp_path / "test_novel-000000.tar").touch()
     (tmp_path / "train-000000.tar").touch()
@@ -31,10 +31,12 @@ def test_world_splits_are_the_test_and_test_novel_shards_present(tmp_path):
     (tmp_path / "test-000000.tar").touch()
     plugin, splits = find_splits(tmp_path)
     assert plugin.name == "world" and list(splits) == ["test", "test_novel"]
+    (tmp_path / "test_unseen-000000.tar").touch()
+    assert list(find_splits(tmp_path)[1]) == ["test", "test_novel", "test_unseen"]
 
 
 def test_a_directory_no_plugin_recognises_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"no test-\*\.tar or test_novel-\*\.tar shards in"):
+    with pytest.raises(UserError, match=r"no test-\*\.tar or test_novel-\*\.tar or test_unseen-\*\.tar shards in"):
         find_splits(tmp_path)
 
 

@@ -23,7 +23,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     synth = sub.add_parser("synth", help="generate the synthetic tri-modal world as webdataset shards")
     synth.add_argument("--out", type=output_folder, required=True, help="output directory")
-    for split, default in (("train", 5000), ("val", 500), ("test", 500), ("test-novel", 500)):
+    for split, default in (("train", 5000), ("val", 500), ("test", 500), ("test-novel", 500),
+                           ("test-unseen", 500)):
         synth.add_argument(f"--{split}", type=non_negative_int, default=default,
                            help=f"samples in {split.replace('-', '_')} (default {default})")
     synth.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
@@ -109,7 +110,8 @@ def _add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> None:
-    counts = {"train": args.train, "val": args.val, "test": args.test, "test_novel": args.test_novel}
+    counts = {"train": args.train, "val": args.val, "test": args.test, "test_novel": args.test_novel,
+              "test_unseen": args.test_unseen}
     start = time.perf_counter()
     manifest = synthesize_world(args.out, counts, seed=args.seed, image_size=args.image_size,
                                 shard_size=args.shard_size, workers=args.workers)

@@ -14,7 +14,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model(evaluate)
     evaluate.add_argument("--data", required=True,
                           help="shards (directory, glob or brace pattern); a synthetic-world directory gives its "
-                          "test and test_novel splits")
+                          "test, test_novel and test_unseen splits")
     evaluate.add_argument("--name", help="name of the split in the report (default: the world's split names, "
                           "else 'eval'); with a name, --data is always one split")
     evaluate.add_argument("--out", type=output_folder, required=True,

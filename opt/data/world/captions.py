@@ -34,17 +34,42 @@ TWO_OBJECTS = (
 )
 
 
+# test_unseen's phrasings: sentence frames and position phrases that no other split uses, with
+# the same attribute words (WORLD.md), so the split measures language beyond the world's own frames
+UNSEEN_POSITION_PHRASES = {
+    "left": "on the left side",
+    "right": "on the right side",
+    "top": "near the top",
+    "bottom": "near the bottom",
+    "center": "in the very center",
+}
+UNSEEN_ONE_OBJECT = (
+    "i can see a {obj} {where}",
+    "this image has a {obj} {where}",
+    "{where} you can see a {obj}",
+    "look, a {obj} {where}",
+)
+UNSEEN_TWO_OBJECTS = (
+    "i can see a {first} {relation} a {second}",
+    "this image has a {first} {relation} a {second}",
+    "here a {first} sits {relation} a {second}",
+)
+
+
 def describe(obj: WorldObject) -> str:
     return f"{obj.size} {obj.color} {obj.shape}"
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A lower-case one-sentence caption of the scene, phrasing chosen by ``rng``."""
+def caption(scene: Scene, rng: np.random.Generator, *, unseen: bool = False) -> str:
+    """A lower-case one-sentence caption of the scene, phrasing chosen by ``rng``; ``unseen``
+    draws from test_unseen's phrasings instead of the others'."""
     if scene.relation is None:
         (obj,) = scene.objects
-        template = ONE_OBJECT[rng.integers(len(ONE_OBJECT))]
-        return template.format(obj=describe(obj), where=POSITION_PHRASES[obj.position])
+        frames, places = (UNSEEN_ONE_OBJECT, UNSEEN_POSITION_PHRASES) if unseen else (ONE_OBJECT, POSITION_PHRASES)
+        template = frames[rng.integers(len(frames))]
+        return template.format(obj=describe(obj), where=places[obj.position])
     first, second = scene.objects
-    template = TWO_OBJECTS[rng.integers(len(TWO_OBJECTS))]
+    frames = UNSEEN_TWO_OBJECTS if unseen else TWO_OBJECTS
+    template = frames[rng.integers(len(frames))]
     return template.format(first=describe(first), second=describe(second),
                            relation=RELATION_PHRASES[scene.relation])

@@ -3,8 +3,9 @@
 metrics only the world can give because every sample carries its facts
 (``KEY.json``).
 
-- splits: a directory holding ``test-*.tar`` and/or ``test_novel-*.tar``
-  shards (``test_novel``: attribute pairs held out of training);
+- splits: a directory holding ``test-*.tar``, ``test_novel-*.tar`` and/or
+  ``test_unseen-*.tar`` shards (``test_novel``: attribute pairs held out of
+  training; ``test_unseen``: voices and phrasings no other split has);
 - captions: attribute accuracy, each caption parsed against its sample's
   facts (:mod:`opt.data.world.attributes`); samples without facts are left out;
 - images: attribute accuracy of pictures drawn from the samples' captions,
@@ -28,7 +29,7 @@ from opt.data.world.attributes import aggregate, score_caption
 from opt.data.world.image_analysis import score_image
 from opt.errors import UserError
 
-SPLITS = ("test", "test_novel")
+SPLITS = ("test", "test_novel", "test_unseen")
 
 
 def has_facts(meta: dict) -> bool:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-# (voice name, variant); the variant changes timbre and pitch range
+# (voice name, variant); the variant changes timbre and pitch range. These speak train, val,
+# test and test_novel.
 VOICES = (
     "en-us",
     "en-us+f3",
@@ -30,6 +31,16 @@ VOICES = (
     "en-gb-x-rp+f2",
     "en-gb-scotland+m3",
     "en-029+f4",
+)
+# test_unseen's voices: accents and variants that none of VOICES uses, so the split measures
+# speech from speakers a model never heard (a real corpus has thousands)
+UNSEEN_VOICES = (
+    "en+m1",
+    "en+f1",
+    "en-us-nyc+m5",
+    "en-us-nyc+f5",
+    "en-gb-x-gbclan+m7",
+    "en-gb-x-gbcwmd+m2",
 )
 RATE_WPM = (130, 190)
 PITCH = (30, 70)  # eSpeak pitch parameter, 0-100
@@ -51,9 +62,9 @@ class Voice:
     snr_db: float  # background noise level
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> "Voice":
+    def sample(cls, rng: np.random.Generator, voices: tuple[str, ...] = VOICES) -> "Voice":
         return cls(
-            name=VOICES[rng.integers(len(VOICES))],
+            name=voices[rng.integers(len(voices))],
             rate=int(rng.integers(RATE_WPM[0], RATE_WPM[1] + 1)),
             pitch=int(rng.integers(PITCH[0], PITCH[1] + 1)),
             snr_db=float(np.round(rng.uniform(*SNR_DB), 2)),

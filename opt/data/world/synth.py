@@ -29,12 +29,13 @@ from opt.data.shards import ShardWriter
 from opt.data.world.captions import caption
 from opt.data.world.facts import held_out_pairs, sample_scene
 from opt.data.world.render import render
-from opt.data.world.speech import Speaker, Voice
+from opt.data.world.speech import UNSEEN_VOICES, VOICES, Speaker, Voice
 from opt.errors import UserError
 from opt.files import write_atomic
 
-GENERATOR_VERSION = "1.0"
-SPLITS = ("train", "val", "test", "test_novel")
+# 1.1 added test_unseen; the other splits' samples are byte for byte those of 1.0
+GENERATOR_VERSION = "1.1"
+SPLITS = ("train", "val", "test", "test_novel", "test_unseen")
 SAMPLE_RATE = 16000
 
 _speaker: Speaker | None = None  # one per process: eSpeak NG keeps global state
@@ -57,8 +58,9 @@ def make_sample(split: str, index: int, *, seed: int, image_size: int,
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     scene = sample_scene(rng, image_size, novel=split == "test_novel", held_out=held_out)
     image = render(scene, image_size, rng)
-    text = caption(scene, rng)
-    voice = Voice.sample(rng)
+    unseen = split == "test_unseen"  # voices and phrasings that no other split has
+    text = caption(scene, rng, unseen=unseen)
+    voice = Voice.sample(rng, UNSEEN_VOICES if unseen else VOICES)
     wave = _get_speaker().speak(text, voice, rng)
 
     png = io.BytesIO()
@@ -108,15 +110,30 @@ def _process_pool(workers: int):
     return context.Pool(workers, initializer=_worker_init, maxtasksperchild=1)
 
 
+# earlier generator versions whose samples this one reproduces byte for byte (it only added splits)
+COMPATIBLE_VERSIONS = ("1.0", GENERATOR_VERSION)
+
+
 def _check_existing(out: Path, manifest: dict) -> None:
+    """Refuse to mix two worlds in one directory. A rerun may add a split the directory does
+    not hold yet (its count was 0, or the generator that made it did not know the split):
+    the samples already written are then exactly the ones this run would write."""
     existing = out / "manifest.json"
     if not existing.is_file():
         return
     old = json.loads(existing.read_text())
-    for field in ("seed", "image_size", "shard_size", "counts", "version"):
+    for field in ("seed", "image_size", "shard_size"):
         if old.get(field) != manifest[field]:
             raise UserError(f"{out} already holds a world with a different {field} "
                             f"({old.get(field)} vs {manifest[field]}); choose another --out")
+    if old.get("version") not in COMPATIBLE_VERSIONS:
+        raise UserError(f"{out} already holds a world of generator version {old.get('version')} "
+                        f"(this is {GENERATOR_VERSION}); choose another --out")
+    old_counts = old.get("counts") or {}
+    for split, count in manifest["counts"].items():
+        if old_counts.get(split, 0) not in (0, count):
+            raise UserError(f"{out} already holds a world with {old_counts[split]} {split} samples "
+                            f"(this run asks for {count}); choose another --out")
 
 
 def synthesize_world(out: str | Path, counts: dict[str, int], *, seed: int = 0, image_size: int = 64,
