@@ -110,6 +110,9 @@ class AudioConfig:
     time_mask_frames: int = ranged(20, ge=1)  # SpecAugment: the widest time span, in frames
     freq_masks: int = ranged(0, ge=0)  # SpecAugment: mel-band spans masked per utterance in training (0: off)
     freq_mask_bands: int = ranged(8, ge=1)  # SpecAugment: the widest mel-band span, in bins
+    # speed perturbation in training (Ko et al., 2015): each utterance, each time it is read, is played
+    # at one of these speeds, drawn uniformly (tempo and pitch scale together); e.g. [0.9, 1.0, 1.1]; [] off
+    speed_factors: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -138,10 +141,21 @@ class TokenizerConfig:
     vocab_size: int = ranged(512, ge=16)  # target vocabulary size (byte fallback adds 256 byte pieces)
 
 
+class Quantizer(StrEnum):
+    vq = "vq"  # a learned codebook: EMA updates, k-means initialisation, restarts of dead codes
+    # finite scalar quantization (Mentzer et al. 2023): each of len(fsq_levels) latent channels is
+    # rounded to one of its level's values; the grid of those values is the codebook, fixed, so no code dies
+    fsq = "fsq"
+
+
 @dataclass
 class VQConfig:
-    codebook_size: int = ranged(512, ge=2)  # discrete image codes (base: 8192)
-    code_dim: int = ranged(64, ge=1)  # size of a codebook vector
+    # vq: a learned codebook; fsq: a fixed grid (decay, commitment_weight and dead_code_threshold are vq's alone)
+    quantizer: Quantizer = Quantizer.vq
+    # discrete image codes (base: 8192); with fsq, the product of fsq_levels (a config error otherwise)
+    codebook_size: int = ranged(512, ge=2)
+    # size of a codebook vector (fsq: of the latent, projected to len(fsq_levels) channels and back)
+    code_dim: int = ranged(64, ge=1)
     channels: int = ranged(32, ge=1)  # channels at full resolution (x1, x2, x4, then x4 down to the code grid)
     # image pixels per code side: 8 (64 px -> 8 x 8 = 64 codes, as in OPT), 16 or 32
     downsample: int = ranged(8, choices=(8, 16, 32))
@@ -150,6 +164,17 @@ class VQConfig:
     commitment_weight: float = ranged(0.25, ge=0)  # encoder commitment loss weight
     # codes whose EMA usage falls below this are restarted from the batch
     dead_code_threshold: float = ranged(1.0, ge=0)
+    # fsq: values per latent channel, each >= 3; their product is the number of codes
+    # ([8, 8, 8]: 512; [8, 5, 5, 5]: 1000, as the paper recommends for about 2^10)
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])
+
+    @property
+    def fsq_codes(self) -> int:
+        """The number of codes ``fsq_levels`` give: their product."""
+        count = 1
+        for level in self.fsq_levels:
+            count *= level
+        return count
 
 
 @dataclass
@@ -467,6 +492,12 @@ def _check_consistency(config: Config) -> None:
     if data.image_size % vision.patch_size:
         raise ConfigError(f"config key 'model.vision.patch_size': {vision.patch_size} does not divide "
                           f"data.image_size {data.image_size}")
+    vq = model.vq
+    if vq.quantizer == Quantizer.fsq and (not vq.fsq_levels or min(vq.fsq_levels) < 3):
+        raise ConfigError(f"config key 'model.vq.fsq_levels': needs one level or more, each >= 3, got {vq.fsq_levels}")
+    if vq.quantizer == Quantizer.fsq and vq.codebook_size != vq.fsq_codes:
+        raise ConfigError(f"config key 'model.vq.codebook_size': fsq levels {vq.fsq_levels} give {vq.fsq_codes} "
+                          f"codes, got {vq.codebook_size} (set model.vq.codebook_size={vq.fsq_codes})")
     if data.image_size % model.vq.downsample:
         raise ConfigError(f"config key 'data.image_size': must be a multiple of model.vq.downsample "
                           f"{model.vq.downsample} (the VQ tokenizer's grid cell), got {data.image_size}")
@@ -481,6 +512,9 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"config key 'audio.input': {reader} reads "
                           f"{'the waveform' if reads_waveform else 'log-mel features'}, set audio.input="
                           f"{'waveform' if reads_waveform else 'logmel'}")
+    if any(not 0.5 <= factor <= 2.0 for factor in audio.speed_factors):
+        raise ConfigError(f"config key 'audio.speed_factors': each speed must lie in [0.5, 2], "
+                          f"got {list(audio.speed_factors)}")
     if vision.stem != VisionStem.conv and (vision.coord_channels or vision.stem_depth > 1):
         key = "coord_channels" if vision.coord_channels else "stem_depth"
         raise ConfigError(f"config key 'model.vision.{key}': needs model.vision.stem=conv")

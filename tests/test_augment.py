@@ -1,11 +1,15 @@
-"""SpecAugment on a batch's log-mel features: where it masks, what it leaves alone, and which tasks see it."""
+"""Audio augmentations: SpecAugment (where it masks, what it leaves alone, which tasks see it) and speed
+perturbation (tempo and pitch, drawn per reading in training, never in evaluation)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from opt.config import AudioConfig, load_config
-from opt.data.augment import augment_audio, spec_augment
+from opt.data.augment import augment_audio, change_speed, spec_augment
+from opt.data.pipeline import BatchLoader
+from opt.errors import ConfigError
 from opt.tasks.mixture import TaskMixture
 from opt.tasks.base import TaskOutput
 from tests.test_model import SMALL
@@ -81,3 +85,56 @@ def test_every_task_but_masked_audio_modelling_reads_the_augmented_features(smal
     seen.clear()
     mixture(model, batch)
     assert all(torch.equal(features, clean) for features in seen.values())  # evaluation is never augmented
+
+
+def test_change_speed_scales_tempo_and_pitch_together():
+    rate = 16000
+    tone = torch.sin(2 * torch.pi * 440 * torch.arange(rate) / rate)  # one second of 440 Hz
+    for factor in (0.9, 1.1):
+        fast = change_speed(tone, factor, rate)
+        assert abs(fast.numel() - rate / factor) <= 2
+        spectrum = torch.fft.rfft(fast * torch.hann_window(fast.numel())).abs()
+        peak_hz = spectrum.argmax().item() * rate / fast.numel()
+        assert abs(peak_hz - 440 * factor) < 3, (factor, peak_hz)
+    assert change_speed(tone, 1.0, rate) is tone
+
+
+def _frames_by_key(loader, batches):
+    frames = {}
+    for batch, _ in zip(loader, range(batches)):
+        for key, length in zip(batch["keys"], batch["audio"]["mask"].sum(1).tolist()):
+            frames.setdefault(key, []).append(length)
+    return frames
+
+
+@pytest.fixture()
+def one_thread():
+    """Decode on one thread, as a loader worker does (two on a shared machine wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_speed_perturbation_in_training_reads_each_utterance_at_a_drawn_speed(world, one_thread):
+    base = ["data.batch_size=8", "data.workers=0", "data.shuffle_buffer=0", "data.cache_decoded=true",
+            "data.modalities=[audio]"]
+    plain = load_config(None, base)
+    perturbed = load_config(None, base + ["audio.speed_factors=[0.9,1.1]"])
+    spec = f"{world}/train-000000.tar"
+    reference = {key: lengths[0] for key, lengths in _frames_by_key(
+        BatchLoader(spec, plain.data, plain.audio, None, train=False), 100).items()}
+    # training reads the shard again and again: each reading of an utterance draws its speed anew
+    seen = _frames_by_key(BatchLoader(spec, perturbed.data, perturbed.audio, None, train=True, seed=1), 25)
+    ratios = [reference[key] / length for key, lengths in seen.items() for length in lengths]
+    assert all(min(abs(r - 0.9), abs(r - 1.1)) < 0.02 for r in ratios), ratios  # frames scale by 1 / factor
+    assert 0.3 < sum(r > 1 for r in ratios) / len(ratios) < 0.7  # both speeds, about equally often
+    assert any(len(set(lengths)) == 2 for lengths in seen.values())  # one utterance, two speeds: a fresh draw
+    # evaluation never perturbs
+    evaluated = _frames_by_key(BatchLoader(spec, perturbed.data, perturbed.audio, None, train=False), 100)
+    assert {key: lengths[0] for key, lengths in evaluated.items()} == reference
+
+
+def test_speed_factors_out_of_range_are_a_config_error():
+    with pytest.raises(ConfigError, match="audio.speed_factors"):
+        load_config(None, ["audio.speed_factors=[0.9,3.0]"])

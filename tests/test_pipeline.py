@@ -238,7 +238,7 @@ def test_truncated_and_empty_shards_are_counted_not_fatal(world, tokenizer, tmp_
 
 def test_shard_specs_accept_directories_globs_and_braces(world):
     by_dir = resolve_shards(str(world))
-    assert len(by_dir) == 6
+    assert len(by_dir) == 7  # train x3, val, test, test_novel, test_unseen
     assert resolve_shards(f"{world}/train-*.tar") == [str(p) for p in sorted(world.glob("train-*.tar"))]
     assert resolve_shards(f"{world}/train-{{000000..000002}}.tar") == resolve_shards(f"{world}/train-*.tar")
     with pytest.raises(UserError, match="shard not found"):

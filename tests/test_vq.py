@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from opt.cli import main
-from opt.config import VQConfig, load_config
+from opt.config import Quantizer, VQConfig, load_config
 from opt.data.pipeline import BatchLoader
-from opt.model.vq import VQTokenizer, codebook_usage, load_vq, psnr
+from opt.errors import ConfigError
+from opt.model.vq import VQTokenizer, codebook_usage, load_vq, psnr, save_vq
 
 
 def test_codes_are_an_8x8_grid_and_decode_back_to_images():
@@ -121,3 +122,97 @@ def test_foreground_weighting_counts_object_errors_more():
     assert reconstruction_loss(on_object, pixels) == pytest.approx(reconstruction_loss(on_background, pixels).item())
     weighted = lambda x: reconstruction_loss(x, pixels, foreground_weight=8.0).item()  # noqa: E731
     assert weighted(on_object) > 2 * weighted(on_background)
+
+
+# -- finite scalar quantization (model.vq.quantizer=fsq) ------------------------------------------
+
+FSQ_SMALL = VQConfig(quantizer="fsq", fsq_levels=[5, 5, 5], codebook_size=125, channels=16, res_blocks=0)
+
+
+def test_fsq_codes_are_an_8x8_grid_in_range_and_decode_to_the_forward_reconstruction():
+    model = VQTokenizer(FSQ_SMALL).eval()
+    pixels = torch.rand(3, 3, 64, 64)
+    out = model(pixels)
+    codes = model.encode(pixels)
+    assert codes.shape == (3, 64) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 125
+    assert torch.equal(codes, out["codes"]) and float(out["commit_loss"]) == 0.0  # a fixed grid: nothing to commit to
+    # decoding the indices gives back exactly what the forward pass drew from the quantized latent
+    torch.testing.assert_close(model.decode(codes), out["reconstruction"].clamp(0, 1))
+    assert model.codebook_size == 125
+
+
+def test_fsq_tokenizer_saves_and_loads_with_the_same_codes_and_pixels(tmp_path):
+    model = VQTokenizer(FSQ_SMALL).eval()
+    pixels = torch.rand(2, 3, 64, 64)
+    save_vq(model, tmp_path / "vq")
+    loaded = load_vq(tmp_path / "vq")
+    assert loaded.config == FSQ_SMALL and loaded.config.quantizer == Quantizer.fsq
+    codes = model.encode(pixels)
+    assert torch.equal(loaded.encode(pixels), codes)
+    assert torch.equal(loaded.decode(codes), model.decode(codes))
+
+
+def test_fsq_levels_must_give_codebook_size():
+    with pytest.raises(ConfigError, match="fsq levels \\[8, 5, 5, 5\\] give 1000 codes, got 512"):
+        load_config("configs/tiny.yaml", ["model.vq.quantizer=fsq", "model.vq.fsq_levels=[8,5,5,5]"])
+    with pytest.raises(ConfigError, match="each >= 3"):
+        load_config("configs/tiny.yaml", ["model.vq.quantizer=fsq", "model.vq.fsq_levels=[2,4]",
+                                          "model.vq.codebook_size=8"])
+    with pytest.raises(ConfigError, match="give 125 codes, got 512"):  # a VQConfig built in code, unchecked until here
+        VQTokenizer(VQConfig(quantizer="fsq", fsq_levels=[5, 5, 5]))
+    config = load_config("configs/tiny.yaml", ["model.vq.quantizer=fsq"])  # the default levels give 512 = tiny's size
+    assert config.model.vq.fsq_codes == config.model.vq.codebook_size == 512
+    assert load_config("configs/tiny.yaml", ["model.vq.fsq_levels=[5,5]"]).model.vq.codebook_size == 512  # vq: unused
+
+
+def _squares(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Grey images, each with one coloured square somewhere: a little world that a tokenizer can learn."""
+    pixels = torch.full((count, 3, 64, 64), 0.5)
+    for image in pixels:
+        side = int(torch.randint(8, 24, (1,), generator=generator))
+        x, y = torch.randint(0, 64 - side, (2,), generator=generator).tolist()
+        image[:, y:y + side, x:x + side] = torch.rand(3, 1, 1, generator=generator)
+    return pixels
+
+
+def test_fsq_tokenizer_learns_through_the_rounding():
+    """Gradients pass FSQ's rounding straight through to the encoder, and a few steps fit the images."""
+    from opt.model.vq import reconstruction_loss
+
+    torch.manual_seed(0)
+    model = VQTokenizer(VQConfig(quantizer="fsq", fsq_levels=[5, 5, 5], codebook_size=125, channels=8,
+                                 code_dim=16, res_blocks=0))
+    pixels = _squares(8, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        out = model(pixels)
+        loss = reconstruction_loss(out["reconstruction"], pixels, foreground_weight=8.0) + out["commit_loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        if not losses:
+            first_conv = model.encoder[0].weight.grad
+            assert first_conv is not None and first_conv.abs().sum() > 0  # through the quantizer to the pixels
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+    assert model.encode(pixels).unique().numel() > 3  # more than a few grid points in use
+
+
+def test_opt_vq_train_with_fsq_reports_usage_of_the_grid_and_builds_a_model_that_reads_it(world, tokenizer,
+                                                                                             tmp_path):
+    from tests.test_model import small_model
+
+    fsq = ["model.vq.quantizer=fsq", "model.vq.fsq_levels=[5,5,5]", "model.vq.codebook_size=125"]
+    out = tmp_path / "vq"
+    assert main(["vq", "train", "--config", "configs/tiny.yaml", "--data", f"{world}/train-*.tar",
+                 "--val", f"{world}/val-*.tar", "--out", str(out), "model.vq.channels=16", "vq_train.steps=5",
+                 "vq_train.batch_size=4", "data.workers=0", *fsq]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["codebook_size"] == 125 and 0 < metrics["used_fraction"] <= 1 and metrics["perplexity"] >= 1
+    model, _ = small_model(tokenizer, *fsq)  # SMALL: 16 channels, no residual blocks, as trained above
+    model.load_vq(out)
+    assert model.image_decoder.head.out_features == 125  # the image decoder predicts the grid's codes
+    codes = model.image_codes(torch.rand(2, 3, 64, 64))
+    assert codes.shape == (2, 64) and codes.max() < 125
+    assert model.decode_image_codes(codes).shape == (2, 3, 64, 64)

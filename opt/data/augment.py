@@ -1,20 +1,32 @@
-"""SpecAugment (Park et al., 2019) on a batch's log-mel features, for training.
+"""Audio augmentations for training: SpecAugment and speed perturbation.
 
-Each utterance gets ``audio.time_masks`` spans of up to ``audio.time_mask_frames`` frames and
-``audio.freq_masks`` bands of up to ``audio.freq_mask_bands`` mel bins set to that utterance's
-mean feature value (0 after the front end's per-band mean normalisation), each width drawn
-uniformly from 0 to the maximum and placed uniformly within the utterance's real frames, so
-padding is never chosen and a short utterance is not masked whole. It runs on the batch's
-device, draws from the generator it is given (the task mixture's per-process one, which
-checkpoints restore: a resumed run masks what an uninterrupted one would) and reads nothing
-back from the device.
+SpecAugment (Park et al., 2019) on a batch's log-mel features: each utterance gets
+``audio.time_masks`` spans of up to ``audio.time_mask_frames`` frames and ``audio.freq_masks``
+bands of up to ``audio.freq_mask_bands`` mel bins set to that utterance's mean feature value
+(0 after the front end's per-band mean normalisation), each width drawn uniformly from 0 to the
+maximum and placed uniformly within the utterance's real frames, so padding is never chosen and
+a short utterance is not masked whole. It runs on the batch's device, draws from the generator
+it is given (the task mixture's per-process one, which checkpoints restore: a resumed run masks
+what an uninterrupted one would) and reads nothing back from the device.
+
+Speed perturbation (Ko et al., 2015) on each waveform in the data loader's workers, before its
+features are made: the utterance is resampled as if it had been recorded at ``factor`` times the
+sample rate, so it plays ``factor`` times as fast with its pitch scaled by ``factor`` (what
+Kaldi's and torchaudio's speed perturbation do). A speaker's rate and pitch both move, which
+is the variety a corpus of many speakers has and a world of six voices lacks. Each worker
+draws the factors from a generator of its own, seeded like its shuffle buffer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from collections.abc import Iterator, Sequence
+
 import torch
 
 from opt.config import AudioConfig
+from opt.data.audio import AudioFrontEnd, resample
 
 
 def _spans(lengths: torch.Tensor, count: int, widest: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -54,3 +66,23 @@ def augment_audio(batch: dict, audio: AudioConfig, generator: torch.Generator) -
         return batch
     features = spec_augment(batch["audio"]["features"], batch["audio"]["mask"], audio, generator)
     return batch | {"audio": batch["audio"] | {"features": features}}
+
+
+def change_speed(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.Tensor:
+    """``wave`` (n,) played ``factor`` times as fast: about n / factor samples, pitch times ``factor``."""
+    if factor == 1.0:
+        return wave
+    return resample(wave, int(round(sample_rate * factor)), sample_rate)
+
+
+def perturb_speed(samples: Iterator, front_end: AudioFrontEnd, factors: Sequence[float],
+                  rng: random.Random) -> Iterator:
+    """Decoded samples whose kept waveform (``sample.waveform``) is played at a speed drawn from
+    ``factors``, clipped to ``audio.max_seconds`` and turned into what the encoder reads. The
+    samples that come in are not changed (a cache may hold them): each one out is a copy."""
+    config = front_end.config
+    for sample in samples:
+        if sample.waveform is not None:
+            wave = change_speed(sample.waveform, rng.choice(factors), config.sample_rate)[: front_end.max_samples]
+            sample = dataclasses.replace(sample, audio=front_end.encoder_input(wave), waveform=None)
+        yield sample

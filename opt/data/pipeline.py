@@ -22,11 +22,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from opt.config import AudioConfig, DataConfig
+from opt.data.audio import AudioFrontEnd
+from opt.data.augment import perturb_speed
 from opt.data.batch import Collator
 from opt.data.samples import DecodedSample, SampleDecoder, SkipSample
 from opt.data.shards import resolve_shards
 from opt.errors import DataError
 from opt.text.tokenizer import Tokenizer
+
+SPEED_SEED_OFFSET = 7919  # the speed generators' seeds are the shuffle's plus this
 
 
 def by_reason(counts: dict[str, int]) -> str:
@@ -193,12 +197,23 @@ def _with_stats(batch: dict) -> dict:
     return batch
 
 
-def _shuffle_per_worker(samples: Iterator[dict], size: int, initial: int, seed: int) -> Iterator[dict]:
-    """webdataset's shuffle buffer with a seed of its own per process and worker (``seed`` itself
-    on the first worker of rank 0). One seed for all made workers that drew the same shard (a
-    corpus of one shard always does) yield the same samples in the same order: every batch twice."""
+def _worker_rng(seed: int) -> random.Random:
+    """A generator of its own per process and worker (``seed`` itself on the first worker of rank 0)."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    yield from wds.filters._shuffle(samples, size, initial, rng=random.Random(seed + 1000 * rank + worker))
+    return random.Random(seed + 1000 * rank + worker)
+
+
+def _shuffle_per_worker(samples: Iterator[dict], size: int, initial: int, seed: int) -> Iterator[dict]:
+    """webdataset's shuffle buffer with a seed of its own per process and worker. One seed for all
+    made workers that drew the same shard (a corpus of one shard always does) yield the same
+    samples in the same order: every batch twice."""
+    yield from wds.filters._shuffle(samples, size, initial, rng=_worker_rng(seed))
+
+
+def _speed_per_worker(samples: Iterator[DecodedSample], front_end: AudioFrontEnd, factors: list[float],
+                      seed: int) -> Iterator[DecodedSample]:
+    # a stream of its own (offset from the shuffle's), so turning speeds on leaves the sample order as it was
+    yield from perturb_speed(samples, front_end, factors, _worker_rng(seed + SPEED_SEED_OFFSET))
 
 
 def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, tokenizer: Tokenizer | None, *,
@@ -213,7 +228,8 @@ def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, token
     """
     if "text" in data.modalities and tokenizer is None:
         raise ValueError("a tokenizer is needed when the text modality is enabled")
-    decoder = SampleDecoder(data, audio, tokenizer)
+    perturbed = train and bool(audio.speed_factors) and "audio" in data.modalities
+    decoder = SampleDecoder(data, audio, tokenizer, keep_waveform=perturbed)
     collate = Collator(data.modalities, tokenizer.pad_id if tokenizer else 0, audio.n_mels, audio_input=audio.input)
     strict = data.strict
     if train:
@@ -226,6 +242,8 @@ def build_dataset(shards: list[str], data: DataConfig, audio: AudioConfig, token
         stages.append(wds.pipelinefilter(_shuffle_per_worker)(data.shuffle_buffer, data.shuffle_buffer // 2, seed))
     cache = {} if train and data.cache_decoded else None  # one per process: each worker fills its own
     stages.append(wds.pipelinefilter(_decode)(decoder, strict, cache, watchdog))
+    if perturbed:  # after the cache, which keeps the waveform: a new speed each time a sample is read
+        stages.append(wds.pipelinefilter(_speed_per_worker)(decoder.front_end, list(audio.speed_factors), seed))
     stages.append(wds.pipelinefilter(_batches)(batch_size or data.batch_size, not train, collate))
     return wds.DataPipeline(*stages)
 

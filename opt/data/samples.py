@@ -81,6 +81,8 @@ class DecodedSample:
     text: list[int] | None = None  # token ids, bos ... eos
     image: torch.Tensor | None = None  # (3, H, W) float in [0, 1]
     audio: torch.Tensor | None = None  # (frames, n_mels) log-mel, or the (n,) waveform (audio.input)
+    # with speed perturbation in training: the (n,) waveform, made into ``audio`` by a later stage
+    waveform: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
     repairs: list[str] = field(default_factory=list)
 
@@ -146,8 +148,12 @@ def load_image(payload: bytes, size: int, max_pixels: int) -> tuple[torch.Tensor
 class SampleDecoder:
     """Callable that turns a raw sample into a :class:`DecodedSample` or raises :class:`SkipSample`."""
 
-    def __init__(self, data: DataConfig, audio: AudioConfig, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, data: DataConfig, audio: AudioConfig, tokenizer: Tokenizer | None, *,
+                 keep_waveform: bool = False) -> None:
+        """``keep_waveform``: leave the audio as ``sample.waveform`` for a later stage (speed
+        perturbation) instead of making what the encoder reads."""
         self.data = data
+        self.keep_waveform = keep_waveform
         self.tokenizer = tokenizer
         self.front_end = AudioFrontEnd(audio) if "audio" in data.modalities else None
         self.min_audio_samples = int(data.min_audio_seconds * audio.sample_rate)
@@ -164,7 +170,8 @@ class SampleDecoder:
             if len(payload) == 0:
                 raise SkipSample(f"{modality}_empty")
             getattr(self, f"_decode_{modality}")(payload, sample)
-        if sample.text is None and sample.caption is None and sample.image is None and sample.audio is None:
+        if (sample.text is None and sample.caption is None and sample.image is None and sample.audio is None
+                and sample.waveform is None):
             raise SkipSample("no_modality")
         if "json" in raw:
             try:
@@ -203,5 +210,8 @@ class SampleDecoder:
             raise SkipSample("audio_too_short")
         if not torch.isfinite(wave.samples).all():
             raise SkipSample("audio_corrupt")
-        sample.audio = self.front_end.encoder_input(wave.samples)
+        if self.keep_waveform:
+            sample.waveform = wave.samples
+        else:
+            sample.audio = self.front_end.encoder_input(wave.samples)
         sample.repairs.extend(wave.repairs)

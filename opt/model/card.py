@@ -63,7 +63,9 @@ def model_card(model: "OPTModel", training: TrainingFacts | None = None) -> str:
               f"- cross-modal encoder {config.cross.layers} x {config.cross.width}; text decoder "
               f"{config.text_decoder.layers} x {config.text_decoder.width}; image decoder "
               f"{config.image_decoder.layers} x {config.image_decoder.width} over {spec.image_codes} codes of a "
-              f"{config.vq.codebook_size}-code VQ tokenizer", ""]
+              f"{config.vq.codebook_size}-code VQ tokenizer"
+              + (f" (FSQ, levels {'x'.join(map(str, config.vq.fsq_levels))})" if config.vq.quantizer == "fsq" else ""),
+              ""]
     lines += _parameter_table(model) + [""]
     sources = {part: entry.get("source") for part, entry in spec.backbones.items() if entry.get("source")}
     if sources:

@@ -4,11 +4,16 @@ Choices:
 - x8 downsampling in three stride-2 stages (64 px -> 8 x 8 = 64 codes, as in OPT) by default,
   channels x1, x2, x4, x4 of ``channels`` from full to 1/8 resolution; ``downsample`` 16 or 32
   adds stages at x4 channels (224 px at x16: 14 x 14 codes, one per ViT-B/16 patch);
-- the quantizer is ``vector_quantize_pytorch.VectorQuantize``: EMA codebook
-  updates, k-means initialisation from the first batch, and restarts of dead
+- the quantizer (``quantizer: vq``, the default) is ``vector_quantize_pytorch.VectorQuantize``:
+  EMA codebook updates, k-means initialisation from the first batch, and restarts of dead
   codes (EMA usage below a threshold) from the current batch. It is a
   well-kept implementation of exactly these techniques, and it syncs the
   codebook across processes under ``torch.distributed``;
+- or (``quantizer: fsq``) the same library's ``FSQ``, finite scalar quantization: the
+  ``code_dim`` latent is projected to one channel per entry of ``fsq_levels``, each bounded
+  and rounded to its level's values, and projected back. The codebook is that fixed grid,
+  so there is nothing to initialise, no commitment loss and no dead code; a code's index
+  is its grid point's mixed-radix number, in [0, product of the levels);
 - always fp32: every forward runs with autocast disabled, also inside a
   mixed-precision training run, because codebook distances and EMA statistics
   are fragile in half precision.
@@ -22,9 +27,10 @@ from dataclasses import asdict
 
 import torch
 from torch import nn
-from vector_quantize_pytorch import VectorQuantize
+from vector_quantize_pytorch import FSQ, VectorQuantize
 
-from opt.config import VQConfig
+from opt.config import Quantizer, VQConfig
+from opt.errors import ConfigError
 from opt.model.io import load_weights, read_config, save_directory
 
 class ResidualBlock(nn.Module):
@@ -66,6 +72,22 @@ def _decoder(config: VQConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _quantizer(config: VQConfig) -> nn.Module:
+    """The quantizer between encoder and decoder: both take and give ``(b, code_dim, h, w)`` latents."""
+    if config.quantizer == Quantizer.fsq:
+        # load_config checks this too; a VQConfig built in code meets it here, before the code count
+        # that the image decoder and the usage metrics read (codebook_size) can disagree with the grid
+        if not config.fsq_levels or min(config.fsq_levels) < 3 or config.codebook_size != config.fsq_codes:
+            raise ConfigError(f"config key 'model.vq.codebook_size': fsq levels {config.fsq_levels} (each >= 3) "
+                              f"give {config.fsq_codes} codes, got {config.codebook_size}")
+        return FSQ(levels=list(config.fsq_levels), dim=config.code_dim)
+    return VectorQuantize(
+        dim=config.code_dim, codebook_size=config.codebook_size, decay=config.decay,
+        commitment_weight=config.commitment_weight, kmeans_init=True,
+        threshold_ema_dead_code=config.dead_code_threshold, accept_image_fmap=True,
+    )
+
+
 class VQTokenizer(nn.Module):
     """Images (b, 3, H, W) in [0, 1] <-> codes (b, (H/s) * (W/s)) in [0, codebook_size), s = ``downsample``."""
 
@@ -73,18 +95,30 @@ class VQTokenizer(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = _encoder(config)
-        self.quantizer = VectorQuantize(
-            dim=config.code_dim, codebook_size=config.codebook_size, decay=config.decay,
-            commitment_weight=config.commitment_weight, kmeans_init=True,
-            threshold_ema_dead_code=config.dead_code_threshold, accept_image_fmap=True,
-        )
+        self.quantizer = _quantizer(config)
         self.decoder = _decoder(config)
 
     def skip_kmeans_init(self) -> None:
         """Mark the codebook as initialised, so an untrained tokenizer used inside a larger
         model never re-initialises it from a batch (weights loaded later replace it anyway).
-        ``initted`` is the quantizer's own buffer for this."""
-        self.quantizer._codebook.initted.fill_(True)
+        ``initted`` is the quantizer's own buffer for this; FSQ has no codebook to initialise."""
+        if self.config.quantizer == Quantizer.vq:
+            self.quantizer._codebook.initted.fill_(True)
+
+    def _quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(quantized latent, codes (b, h, w) as int64, commitment loss) for either quantizer."""
+        if self.config.quantizer == Quantizer.fsq:
+            quantized, codes = self.quantizer(latent)
+            # FSQ gives int32 indices; callers index embeddings and concatenate with int64 ids.
+            # The grid is fixed and its straight-through rounding needs no commitment term.
+            return quantized, codes.long(), latent.new_zeros(())
+        return self.quantizer(latent)
+
+    def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """Quantized latents ``(b, code_dim, h, w)`` of codes ``(b, h, w)``."""
+        if self.config.quantizer == Quantizer.fsq:
+            return self.quantizer.indices_to_codes(codes)
+        return self.quantizer.get_output_from_indices(codes)
 
     @property
     def codebook_size(self) -> int:
@@ -94,7 +128,7 @@ class VQTokenizer(nn.Module):
         """Reconstruct: ``{"reconstruction" (b, 3, H, W) in [0, 1] (unclamped), "codes" (b, n), "commit_loss"}``."""
         with torch.autocast(pixels.device.type, enabled=False):
             latent = self.encoder(pixels.float() * 2 - 1)
-            quantized, codes, commit_loss = self.quantizer(latent)
+            quantized, codes, commit_loss = self._quantize(latent)
             reconstruction = (self.decoder(quantized) + 1) / 2
         return {"reconstruction": reconstruction, "codes": codes.flatten(1), "commit_loss": commit_loss}
 
@@ -104,7 +138,7 @@ class VQTokenizer(nn.Module):
         training = self.quantizer.training
         self.quantizer.eval()
         with torch.autocast(pixels.device.type, enabled=False):
-            _, codes, _ = self.quantizer(self.encoder(pixels.float() * 2 - 1))
+            _, codes, _ = self._quantize(self.encoder(pixels.float() * 2 - 1))
         self.quantizer.train(training)
         return codes.flatten(1)
 
@@ -113,7 +147,7 @@ class VQTokenizer(nn.Module):
         """Images ``(b, 3, H, W)`` in [0, 1] from codes ``(b, n)`` on a square grid."""
         side = int(round(codes.shape[1] ** 0.5))
         with torch.autocast(codes.device.type, enabled=False):
-            quantized = self.quantizer.get_output_from_indices(codes.reshape(-1, side, side))
+            quantized = self._dequantize(codes.reshape(-1, side, side))
             return ((self.decoder(quantized.float()) + 1) / 2).clamp(0, 1)
 
 
