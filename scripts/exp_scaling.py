@@ -5,6 +5,8 @@ then evaluated like the demo and plotted against training minutes.
 
     python scripts/exp_scaling.py run --scale 4 --out runs/scaling      # train, export, evaluate one multiple
     python scripts/exp_scaling.py run --scale 1 --out runs/scaling --from-run runs/demo   # the demo itself as 1x
+    opt eval --model runs/scaling/x1/model --data 'data/world/test_unseen-*.tar' --name test_unseen \
+        --out runs/scaling/x1/report_test_unseen --rerank-k 10 --no-card     # a split the 1x report lacks
     python scripts/exp_scaling.py plot --out runs/scaling --png docs/journal/scaling.png
 
 Each multiple lives in ``OUT/xK`` (config.yaml, train/, model/, report/,
@@ -122,6 +124,10 @@ def collect(out: Path) -> list[dict]:
         if not report.exists():
             continue
         metrics = json.loads(report.read_text())
+        # a split evaluated on its own later (opt eval --name SPLIT --out OUT/xK/report_SPLIT)
+        for extra in sorted(folder.glob("report_*/metrics.json")):
+            metrics.update({split: value for split, value in json.loads(extra.read_text()).items()
+                            if split not in ("seconds", "machine")})
         timing = json.loads((folder / "timing.json").read_text())
         row = {"scale": int(folder.name[1:]), "steps": timing["steps"], "minutes": timing["train_seconds"] / 60,
                "contended": timing.get("contended", False)}
@@ -145,8 +151,10 @@ def plot(args: argparse.Namespace) -> None:
         sys.exit(f"exp_scaling: no evaluated runs under {args.out}")
     base = next((row for row in rows if row["scale"] == 1), None)
     quiet = [row["scale"] * base["minutes"] if base else row["minutes"] for row in rows]
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for axis, split in zip(axes, ("test", "test_novel")):
+    splits = [split for split in ("test", "test_novel", "test_unseen") if any(split in row for row in rows)]
+    figure, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 5.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for axis, split in zip(axes, splits):
         for index, (label, _, target) in enumerate(FIGURES):
             colour = f"C{index}"
             values = [row.get(split, {}).get(label) for row in rows]
@@ -159,14 +167,18 @@ def plot(args: argparse.Namespace) -> None:
                 axis.axhline(target, color=colour, linestyle=":", linewidth=1)
         axis.plot(quiet, [row["val MVM accuracy"] for row in rows], "s--", color="grey", label="val MVM accuracy")
         axis.set_xticks(quiet, [f"{row['scale']}x\n{minutes:.0f} min" for row, minutes in zip(rows, quiet)])
-        axis.set_xlabel("training steps (multiple of the demo's 3,000) and minutes on a quiet machine")
+        axis.set_xlabel("steps (multiple of the demo's 3,000), minutes on a quiet machine")
         axis.set_title(f"{split}" + (" (dotted: targets)" if split == "test" else ""))
         axis.set_ylim(0, 1.02)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("score")
-    axes[1].legend(loc="lower right", fontsize=8)
-    figure.suptitle("The demo recipe at 1x, 2x and 4x its training steps (schedule stretched, same VQ)")
-    figure.tight_layout()
+    for axis in axes:
+        axis.margins(x=0.12)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    multiples = ", ".join(f"{row['scale']}x" for row in rows)
+    figure.suptitle(f"The demo recipe at {multiples} its training steps (schedule stretched, same VQ)")
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     png = Path(args.png)
     png.parent.mkdir(parents=True, exist_ok=True)
     partial = png.with_name(png.name + ".partial.png")
