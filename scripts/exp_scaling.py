@@ -85,15 +85,17 @@ def run(args: argparse.Namespace) -> None:
     model = folder / "model"
     if not (model / "config.json").exists():
         start = time.perf_counter()
-        subprocess.run(opt_command("train", "--config", str(config_path), "--run-dir", str(folder / "train")),
-                       check=True)
-        seconds = time.perf_counter() - start
-        previous = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_seconds": 0.0}
-        steps = yaml.safe_load(config_path.read_text())["train"]["steps"]
-        timing_path.write_text(json.dumps({"scale": args.scale, "steps": steps,
-                                           "train_seconds": previous["train_seconds"] + seconds,
-                                           "contended": args.contended or previous.get("contended", False),
-                                           "measured": "wall time of opt train"}, indent=2))
+        try:
+            subprocess.run(opt_command("train", "--config", str(config_path), "--run-dir", str(folder / "train")),
+                           check=True)
+        finally:  # a stopped run's time counts too: the rerun resumes it and adds its own
+            seconds = time.perf_counter() - start
+            previous = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_seconds": 0.0}
+            steps = yaml.safe_load(config_path.read_text())["train"]["steps"]
+            timing_path.write_text(json.dumps({"scale": args.scale, "steps": steps,
+                                               "train_seconds": previous["train_seconds"] + seconds,
+                                               "contended": args.contended or previous.get("contended", False),
+                                               "measured": "wall time of opt train"}, indent=2))
         subprocess.run(opt_command("export", str(folder / "train"), "--out", str(model)), check=True)
     if not (folder / "report" / "metrics.json").exists():
         subprocess.run(opt_command("eval", "--model", str(model), "--data", args.data, "--out", str(folder / "report"),

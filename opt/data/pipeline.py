@@ -1,7 +1,8 @@
 """The webdataset pipeline that feeds training and evaluation.
 
     shards -> (resampled | listed, split by node and worker) -> tar samples
-           -> shuffle buffer -> decode + validate -> collate into batches
+           -> shuffle buffer -> decode + validate -> (training, audio.speed_factors set:
+           speed perturbation) -> collate into batches
 
 Batches have the layout of :mod:`opt.data.batch`. Bad samples are
 skipped or repaired (see :mod:`opt.data.samples`) and counted; the counts ride
