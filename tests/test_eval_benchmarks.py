@@ -119,7 +119,7 @@ def test_a_world_directory_without_a_name_gives_its_splits_and_any_shards_one(to
     from opt.downstream.plugins import PLUGINS
 
     splits, plugins = evaluation_splits(world)
-    assert set(splits) == {"test", "test_novel"} and len(plugins) == 1
+    assert set(splits) == {"test", "test_novel", "test_unseen"} and len(plugins) == 1
     splits, plugins = evaluation_splits(f"{world}/val-*.tar")
     assert splits == {"eval": f"{world}/val-*.tar"} and plugins == PLUGINS
     assert evaluation_splits(world, "all")[0] == {"all": str(world)}
