@@ -17,6 +17,7 @@ warning, from files and overrides.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -171,10 +172,21 @@ class VQConfig:
     @property
     def fsq_codes(self) -> int:
         """The number of codes ``fsq_levels`` give: their product."""
-        count = 1
-        for level in self.fsq_levels:
-            count *= level
-        return count
+        return math.prod(self.fsq_levels)
+
+    def check_fsq(self) -> None:
+        """With ``quantizer: fsq``, the levels must be usable and give ``codebook_size`` codes, the
+        count the image decoder and MVM's head read; a one-line :class:`ConfigError` otherwise.
+        :func:`load_config` calls it, and so does the tokenizer for a VQConfig built in code."""
+        if self.quantizer != Quantizer.fsq:
+            return
+        if not self.fsq_levels or min(self.fsq_levels) < 3:
+            raise ConfigError(f"config key 'model.vq.fsq_levels': needs one level or more, each >= 3, "
+                              f"got {self.fsq_levels}")
+        if self.codebook_size != self.fsq_codes:
+            raise ConfigError(f"config key 'model.vq.codebook_size': fsq levels {self.fsq_levels} give "
+                              f"{self.fsq_codes} codes, got {self.codebook_size} "
+                              f"(set model.vq.codebook_size={self.fsq_codes})")
 
 
 @dataclass
@@ -492,12 +504,7 @@ def _check_consistency(config: Config) -> None:
     if data.image_size % vision.patch_size:
         raise ConfigError(f"config key 'model.vision.patch_size': {vision.patch_size} does not divide "
                           f"data.image_size {data.image_size}")
-    vq = model.vq
-    if vq.quantizer == Quantizer.fsq and (not vq.fsq_levels or min(vq.fsq_levels) < 3):
-        raise ConfigError(f"config key 'model.vq.fsq_levels': needs one level or more, each >= 3, got {vq.fsq_levels}")
-    if vq.quantizer == Quantizer.fsq and vq.codebook_size != vq.fsq_codes:
-        raise ConfigError(f"config key 'model.vq.codebook_size': fsq levels {vq.fsq_levels} give {vq.fsq_codes} "
-                          f"codes, got {vq.codebook_size} (set model.vq.codebook_size={vq.fsq_codes})")
+    model.vq.check_fsq()
     if data.image_size % model.vq.downsample:
         raise ConfigError(f"config key 'data.image_size': must be a multiple of model.vq.downsample "
                           f"{model.vq.downsample} (the VQ tokenizer's grid cell), got {data.image_size}")

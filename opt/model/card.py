@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from opt.config import to_dict
+from opt.config import Quantizer, VQConfig, to_dict
 
 if TYPE_CHECKING:
     from opt.model.opt_model import OPTModel
@@ -42,6 +42,11 @@ def _parameter_table(model: "OPTModel") -> list[str]:
     return rows
 
 
+def _quantizer_note(vq: VQConfig) -> str:
+    """`` (FSQ, levels 8x5x5x5)`` for a finite-scalar tokenizer, nothing for a learned codebook."""
+    return f" (FSQ, levels {'x'.join(map(str, vq.fsq_levels))})" if vq.quantizer == Quantizer.fsq else ""
+
+
 def model_card(model: "OPTModel", training: TrainingFacts | None = None) -> str:
     """The card's markdown for ``model``, with an evaluation section still to be filled."""
     spec = model.spec
@@ -63,9 +68,7 @@ def model_card(model: "OPTModel", training: TrainingFacts | None = None) -> str:
               f"- cross-modal encoder {config.cross.layers} x {config.cross.width}; text decoder "
               f"{config.text_decoder.layers} x {config.text_decoder.width}; image decoder "
               f"{config.image_decoder.layers} x {config.image_decoder.width} over {spec.image_codes} codes of a "
-              f"{config.vq.codebook_size}-code VQ tokenizer"
-              + (f" (FSQ, levels {'x'.join(map(str, config.vq.fsq_levels))})" if config.vq.quantizer == "fsq" else ""),
-              ""]
+              f"{config.vq.codebook_size}-code VQ tokenizer" + _quantizer_note(config.vq), ""]
     lines += _parameter_table(model) + [""]
     sources = {part: entry.get("source") for part, entry in spec.backbones.items() if entry.get("source")}
     if sources:

@@ -30,7 +30,6 @@ from torch import nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
 from opt.config import Quantizer, VQConfig
-from opt.errors import ConfigError
 from opt.model.io import load_weights, read_config, save_directory
 
 class ResidualBlock(nn.Module):
@@ -75,11 +74,7 @@ def _decoder(config: VQConfig) -> nn.Sequential:
 def _quantizer(config: VQConfig) -> nn.Module:
     """The quantizer between encoder and decoder: both take and give ``(b, code_dim, h, w)`` latents."""
     if config.quantizer == Quantizer.fsq:
-        # load_config checks this too; a VQConfig built in code meets it here, before the code count
-        # that the image decoder and the usage metrics read (codebook_size) can disagree with the grid
-        if not config.fsq_levels or min(config.fsq_levels) < 3 or config.codebook_size != config.fsq_codes:
-            raise ConfigError(f"config key 'model.vq.codebook_size': fsq levels {config.fsq_levels} (each >= 3) "
-                              f"give {config.fsq_codes} codes, got {config.codebook_size}")
+        config.check_fsq()  # load_config checked it; a VQConfig built in code is checked here
         return FSQ(levels=list(config.fsq_levels), dim=config.code_dim)
     return VectorQuantize(
         dim=config.code_dim, codebook_size=config.codebook_size, decay=config.decay,
