@@ -170,6 +170,9 @@ def test_a_split_can_be_added_to_an_existing_world_and_nothing_else_changes(tmp_
         synthesize_world(tmp_path, counts | {"train": 8}, seed=5, shard_size=10, workers=1, progress=False)
     with pytest.raises(UserError, match="different seed"):
         synthesize_world(tmp_path, counts, seed=6, shard_size=10, workers=1, progress=False)
+    (tmp_path / "manifest.json").write_text('{"seed": 5, "counts": [6]')  # cut short
+    with pytest.raises(UserError, match="not a world manifest"):
+        synthesize_world(tmp_path, counts, seed=5, shard_size=10, workers=1, progress=False)
 
 
 def test_images_match_their_facts(splits):

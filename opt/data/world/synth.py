@@ -121,7 +121,12 @@ def _check_existing(out: Path, manifest: dict) -> None:
     existing = out / "manifest.json"
     if not existing.is_file():
         return
-    old = json.loads(existing.read_text())
+    try:
+        old = json.loads(existing.read_text())
+    except (UnicodeDecodeError, ValueError):
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("counts", {}), dict):
+        raise UserError(f"{existing} is not a world manifest this generator can read; choose another --out")
     for field in ("seed", "image_size", "shard_size"):
         if old.get(field) != manifest[field]:
             raise UserError(f"{out} already holds a world with a different {field} "
