@@ -19,13 +19,25 @@ from opt.data.world.captions import (
     ONE_OBJECT,
     POSITION_PHRASES,
     RELATION_PHRASES,
+    TRAIN_ONE_OBJECT,
+    TRAIN_POSITION_PHRASES,
+    TRAIN_TWO_OBJECTS,
     TWO_OBJECTS,
     UNSEEN_ONE_OBJECT,
     UNSEEN_POSITION_PHRASES,
     UNSEEN_TWO_OBJECTS,
 )
 from opt.data.world.facts import COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, held_out_pairs
-from opt.data.world.speech import UNSEEN_VOICES, VOICES
+from opt.data.world.speech import (
+    PITCH,
+    RATE_WPM,
+    SNR_DB,
+    TRAIN_RATE_WPM,
+    TRAIN_SNR_DB,
+    TRAIN_WIDE_VOICES,
+    UNSEEN_VOICES,
+    VOICES,
+)
 from opt.data.world.synth import synthesize_world
 from opt.errors import UserError
 from tests.conftest import WORLD_COUNTS, WORLD_SEED
@@ -106,11 +118,13 @@ def test_captions_state_the_facts_in_the_metadata(splits):
         expected = [{k: o[k] for k in ("size", "color", "shape")} for o in meta["objects"]]
         assert named == expected, caption
         if meta["relation"] is None:
-            places = UNSEEN_POSITION_PHRASES if meta["split"] == "test_unseen" else POSITION_PHRASES
-            assert places[meta["objects"][0]["position"]] in caption
+            places = {"test_unseen": [UNSEEN_POSITION_PHRASES],
+                      "train": [POSITION_PHRASES, TRAIN_POSITION_PHRASES]}.get(meta["split"], [POSITION_PHRASES])
+            assert any(phrases[meta["objects"][0]["position"]] in caption for phrases in places), caption
             assert not any(phrase in caption for phrase in RELATION_PHRASES.values())
         else:
-            assert f"{named[0]['shape']} {RELATION_PHRASES[meta['relation']]}" in caption.replace(" is ", " ").replace(" sits ", " ")
+            joined = caption.replace(" is ", " ").replace(" sits ", " ").replace(" lies ", " ")
+            assert f"{named[0]['shape']} {RELATION_PHRASES[meta['relation']]}" in joined
 
 
 def test_several_phrasings_are_used(splits):
@@ -119,7 +133,7 @@ def test_several_phrasings_are_used(splits):
         caption = sample["txt"].decode()
         for obj in _named_objects(caption):
             caption = caption.replace(f"{obj['size']} {obj['color']} {obj['shape']}", "X")
-        for phrase in list(POSITION_PHRASES.values()) + list(RELATION_PHRASES.values()):
+        for phrase in [*TRAIN_POSITION_PHRASES.values(), *POSITION_PHRASES.values(), *RELATION_PHRASES.values()]:
             caption = caption.replace(phrase, "P")
         templates[caption] += 1
     assert len(templates) >= 4 + 3
@@ -132,18 +146,20 @@ def _frame(caption: str, meta: dict) -> str:
     for name, obj in zip(names, objects):
         caption = caption.replace(f"{obj['size']} {obj['color']} {obj['shape']}", "{" + name + "}", 1)
     if meta["relation"] is None:
-        for places in (UNSEEN_POSITION_PHRASES, POSITION_PHRASES):  # "on the right side" before "on the right"
+        # "over on the right" and "on the right side" before "on the right"
+        for places in (TRAIN_POSITION_PHRASES, UNSEEN_POSITION_PHRASES, POSITION_PHRASES):
             caption = caption.replace(places[objects[0]["position"]], "{where}")
     return caption.replace(RELATION_PHRASES.get(meta["relation"] or "", "-"), "{relation}")
 
 
 def test_test_unseen_has_voices_and_phrasings_no_other_split_has(splits):
-    assert not set(UNSEEN_VOICES) & set(VOICES)
-    assert not {v.split("+")[0] for v in UNSEEN_VOICES} & {v.split("+")[0] for v in VOICES}  # accents too
-    assert not {v.partition("+")[2] for v in UNSEEN_VOICES} & {v.partition("+")[2] for v in VOICES}  # timbres
-    assert not set(UNSEEN_POSITION_PHRASES.values()) & set(POSITION_PHRASES.values())
-    seen_frames, unseen_frames = set(ONE_OBJECT + TWO_OBJECTS), set(UNSEEN_ONE_OBJECT + UNSEEN_TWO_OBJECTS)
-    assert not seen_frames & unseen_frames
+    heard = set(VOICES + TRAIN_WIDE_VOICES)
+    assert not set(UNSEEN_VOICES) & heard
+    assert not {v.split("+")[0] for v in UNSEEN_VOICES} & {v.split("+")[0] for v in heard}  # accents too
+    assert not {v.partition("+")[2] for v in UNSEEN_VOICES} & {v.partition("+")[2] for v in heard}  # timbres
+    assert not set(UNSEEN_POSITION_PHRASES.values()) & {*POSITION_PHRASES.values(), *TRAIN_POSITION_PHRASES.values()}
+    seen_frames, unseen_frames = set(TRAIN_ONE_OBJECT + TRAIN_TWO_OBJECTS), set(UNSEEN_ONE_OBJECT + UNSEEN_TWO_OBJECTS)
+    assert set(ONE_OBJECT + TWO_OBJECTS) <= seen_frames and not seen_frames & unseen_frames
     held_out = set(held_out_pairs(WORLD_SEED))
     for split, samples in splits.items():
         unseen = split == "test_unseen"
@@ -156,6 +172,35 @@ def test_test_unseen_has_voices_and_phrasings_no_other_split_has(splits):
             if unseen:  # the facts are the training distribution's: no held-out pair
                 assert not {(o["color"], o["shape"]) for o in meta["objects"]} & held_out
     assert len({facts(s)["voice"]["name"] for s in splits["test_unseen"]}) >= 3
+
+
+def _within(value, bounds):
+    return bounds[0] <= value <= bounds[1]
+
+
+def test_train_hears_many_voices_and_phrasings_and_the_test_splits_keep_theirs(splits):
+    """Generator 2.0: train speaks with 160+ voices over wider rate, pitch and noise ranges and
+    more frames; val, test and test_novel keep the six voices, the ranges and the frames of 1.x."""
+    test_frames = set(ONE_OBJECT + TWO_OBJECTS)
+    for split in ("val", "test", "test_novel"):
+        for sample in splits[split]:
+            meta = facts(sample)
+            voice = meta["voice"]
+            assert voice["name"] in VOICES
+            assert _within(voice["rate"], RATE_WPM) and _within(voice["pitch"], PITCH)
+            assert _within(voice["snr_db"], SNR_DB)
+            assert _frame(sample["txt"].decode(), meta) in test_frames, sample["txt"]
+    train = [facts(s) for s in splits["train"]]
+    names = Counter(meta["voice"]["name"] for meta in train)
+    assert set(names) <= set(VOICES + TRAIN_WIDE_VOICES)
+    assert len(names) >= 60  # of 240 samples: half over six voices, half over 168
+    assert 0.35 < sum(names[v] for v in VOICES) / len(train) < 0.65
+    assert any(not _within(meta["voice"]["rate"], RATE_WPM) for meta in train)
+    assert any(not _within(meta["voice"]["snr_db"], SNR_DB) for meta in train)
+    train_frames = Counter(_frame(s["txt"].decode(), facts(s)) for s in splits["train"])
+    assert set(train_frames) <= set(TRAIN_ONE_OBJECT + TRAIN_TWO_OBJECTS)
+    assert len(set(train_frames) - test_frames) >= 6
+    assert any(phrase in s["txt"].decode() for s in splits["train"] for phrase in TRAIN_POSITION_PHRASES.values())
 
 
 def test_a_split_can_be_added_to_an_existing_world_and_nothing_else_changes(tmp_path):
@@ -172,6 +217,11 @@ def test_a_split_can_be_added_to_an_existing_world_and_nothing_else_changes(tmp_
         synthesize_world(tmp_path, counts, seed=6, shard_size=10, workers=1, progress=False)
     (tmp_path / "manifest.json").write_text('{"seed": 5, "counts": [6]')  # cut short
     with pytest.raises(UserError, match="not a world manifest"):
+        synthesize_world(tmp_path, counts, seed=5, shard_size=10, workers=1, progress=False)
+    # a 1.x world's train split is not 2.0's: adding to it would mix two worlds
+    manifest["version"] = "1.1"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="generator version 1.1 \\(this is 2.0\\)"):
         synthesize_world(tmp_path, counts, seed=5, shard_size=10, workers=1, progress=False)
 
 
@@ -219,7 +269,7 @@ def test_speech_is_16k_mono_and_plausibly_long(splits):
         durations.append(len(data) / rate)
         voice = facts(sample)["voice"]
         voices.add(voice["name"])
-        assert 130 <= voice["rate"] <= 190 and 20 <= voice["snr_db"] <= 35
+        assert _within(voice["rate"], TRAIN_RATE_WPM) and _within(voice["snr_db"], TRAIN_SNR_DB)
     assert 0.8 < min(durations) and max(durations) < 7.0
     assert 1.5 <= float(np.median(durations)) <= 3.5
     assert len(voices) >= 4

@@ -45,6 +45,22 @@ UNSEEN_VOICES = (
 RATE_WPM = (130, 190)
 PITCH = (30, 70)  # eSpeak pitch parameter, 0-100
 SNR_DB = (20.0, 35.0)
+
+# train's voices (generator 2.0): half of its utterances are spoken by VOICES, which test speaks,
+# the other half by one of these accents with one of many timbre variants, none of them
+# test_unseen's; train also widens the rate, pitch and noise ranges. A model then hears 150+
+# voices in training instead of six, while test_unseen's speakers stay unheard.
+TRAIN_ACCENTS = ("en-us", "en-gb-x-rp", "en-gb-scotland", "en-029")
+TRAIN_VARIANTS = (
+    "m3", "m4", "m6", "m8", "f2", "f3", "f4", "Alex", "Andy", "Annie", "Denis", "Gene", "Jacky", "Lee",
+    "Michael", "Mike", "adam", "aunty", "belinda", "benjamin", "boris", "caleb", "david", "edward",
+    "grandma", "grandpa", "iven", "john", "linda", "max", "norbert", "paul", "quincy", "rob", "robert",
+    "shelby", "steph", "travis", "victor", "zac", "klatt", "croak",
+)
+TRAIN_WIDE_VOICES = tuple(f"{accent}+{variant}" for accent in TRAIN_ACCENTS for variant in TRAIN_VARIANTS)
+TRAIN_RATE_WPM = (125, 220)
+TRAIN_PITCH = (15, 85)
+TRAIN_SNR_DB = (10.0, 35.0)
 PEAK_LEVEL = 0.8  # clean speech is scaled to this peak before noise is added
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -62,13 +78,20 @@ class Voice:
     snr_db: float  # background noise level
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, voices: tuple[str, ...] = VOICES) -> "Voice":
+    def sample(cls, rng: np.random.Generator, voices: tuple[str, ...] = VOICES, *, rate=RATE_WPM,
+               pitch=PITCH, snr_db=SNR_DB) -> "Voice":
         return cls(
             name=voices[rng.integers(len(voices))],
-            rate=int(rng.integers(RATE_WPM[0], RATE_WPM[1] + 1)),
-            pitch=int(rng.integers(PITCH[0], PITCH[1] + 1)),
-            snr_db=float(np.round(rng.uniform(*SNR_DB), 2)),
+            rate=int(rng.integers(rate[0], rate[1] + 1)),
+            pitch=int(rng.integers(pitch[0], pitch[1] + 1)),
+            snr_db=float(np.round(rng.uniform(*snr_db), 2)),
         )
+
+    @classmethod
+    def sample_training(cls, rng: np.random.Generator) -> "Voice":
+        """A train utterance's voice: VOICES or the wide pool (even odds), with the wide ranges."""
+        voices = VOICES if rng.integers(2) == 0 else TRAIN_WIDE_VOICES
+        return cls.sample(rng, voices, rate=TRAIN_RATE_WPM, pitch=TRAIN_PITCH, snr_db=TRAIN_SNR_DB)
 
 
 class Speaker:

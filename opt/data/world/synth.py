@@ -15,10 +15,12 @@ Layout: ``OUT/{split}-{i:06d}.tar`` with members ``KEY.png``, ``KEY.txt``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import multiprocessing
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,9 @@ from opt.data.world.speech import UNSEEN_VOICES, VOICES, Speaker, Voice
 from opt.errors import UserError
 from opt.files import write_atomic
 
-# 1.1 added test_unseen; the other splits' samples are byte for byte those of 1.0
-GENERATOR_VERSION = "1.1"
+# 1.1 added test_unseen; 2.0 widened train's voices, prosody, noise and phrasings (the other
+# splits' samples are byte for byte those of 1.1)
+GENERATOR_VERSION = "2.0"
 SPLITS = ("train", "val", "test", "test_novel", "test_unseen")
 SAMPLE_RATE = 16000
 
@@ -52,15 +55,28 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}_{index:07d}"
 
 
-def make_sample(split: str, index: int, *, seed: int, image_size: int,
-                held_out: set[tuple[str, str]]) -> tuple[str, dict[str, bytes]]:
-    """Generate one sample: its key and its members as bytes."""
+# how a split's captions are phrased (captions.PHRASINGS) and who speaks them
+SpeechStyle = tuple[str, Callable[[np.random.Generator], Voice]]
+
+
+def speech_style(split: str) -> SpeechStyle:
+    if split == "train":  # many voices and more phrasings (speech.py, captions.py)
+        return "train", Voice.sample_training
+    if split == "test_unseen":  # voices and phrasings that no other split has
+        return "unseen", functools.partial(Voice.sample, voices=UNSEEN_VOICES)
+    return "test", functools.partial(Voice.sample, voices=VOICES)
+
+
+def make_sample(split: str, index: int, *, seed: int, image_size: int, held_out: set[tuple[str, str]],
+                style: SpeechStyle | None = None) -> tuple[str, dict[str, bytes]]:
+    """Generate one sample: its key and its members as bytes. ``style`` replaces the split's own
+    phrasings and voices, keeping its scenes (a diagnostic: test's scenes with unseen voices)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     scene = sample_scene(rng, image_size, novel=split == "test_novel", held_out=held_out)
     image = render(scene, image_size, rng)
-    unseen = split == "test_unseen"  # voices and phrasings that no other split has
-    text = caption(scene, rng, unseen=unseen)
-    voice = Voice.sample(rng, UNSEEN_VOICES if unseen else VOICES)
+    phrasings, sample_voice = style or speech_style(split)
+    text = caption(scene, rng, phrasings=phrasings)
+    voice = sample_voice(rng)
     wave = _get_speaker().speak(text, voice, rng)
 
     png = io.BytesIO()
@@ -110,8 +126,8 @@ def _process_pool(workers: int):
     return context.Pool(workers, initializer=_worker_init, maxtasksperchild=1)
 
 
-# earlier generator versions whose samples this one reproduces byte for byte (it only added splits)
-COMPATIBLE_VERSIONS = ("1.0", GENERATOR_VERSION)
+# earlier generator versions whose samples this one reproduces byte for byte (none: 2.0 changed train)
+COMPATIBLE_VERSIONS = (GENERATOR_VERSION,)
 
 
 def _check_existing(out: Path, manifest: dict) -> None:
