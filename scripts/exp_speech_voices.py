@@ -26,6 +26,7 @@ stages are skipped.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -33,6 +34,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from opt.data.world.speech import UNSEEN_VOICES, VOICES, Voice
 
 STEPS = {"contrastive": 300, "captions from speech": 500, "mixture": 500}
 FIGURES = (
@@ -93,18 +96,15 @@ def run(args: argparse.Namespace) -> None:
                                                     "overrides": args.overrides}, indent=2))
 
 
-DIAGNOSTICS = {  # name: (phrasings, voices), both from the world generator
-    "unseen voices": ("test", "UNSEEN_VOICES"),
-    "unseen phrasings": ("unseen", "VOICES"),
+DIAGNOSTICS = {  # name: (phrasings, voices), as the world generator names them
+    "unseen voices": ("test", UNSEEN_VOICES),
+    "unseen phrasings": ("unseen", VOICES),
 }
 
 
 def diagnostic_splits(world: Path, out: Path, count: int) -> dict[str, str]:
     """Write (once) the diagnostic splits into ``out`` and return their shard paths."""
-    import functools
-
     from opt.data.shards import ShardWriter
-    from opt.data.world import speech
     from opt.data.world.synth import make_sample
 
     manifest = json.loads((world / "manifest.json").read_text())
@@ -115,7 +115,7 @@ def diagnostic_splits(world: Path, out: Path, count: int) -> dict[str, str]:
         paths[name] = str(path)
         if path.exists():
             continue
-        style = (phrasings, functools.partial(speech.Voice.sample, voices=getattr(speech, voices)))
+        style = (phrasings, functools.partial(Voice.sample, voices=voices))
         out.mkdir(parents=True, exist_ok=True)
         with ShardWriter(str(path)) as shard:  # written under a temporary name, renamed when closed
             for index in range(count):
