@@ -48,7 +48,7 @@ SNR_DB = (20.0, 35.0)
 
 # train's voices (generator 2.0): half of its utterances are spoken by VOICES, which test speaks,
 # the other half by one of these accents with one of many timbre variants, none of them
-# test_unseen's; train also widens the rate, pitch and noise ranges. A model then hears 150+
+# test_unseen's; train also widens the rate, pitch and noise ranges. A model then hears 174
 # voices in training instead of six, while test_unseen's speakers stay unheard.
 TRAIN_ACCENTS = ("en-us", "en-gb-x-rp", "en-gb-scotland", "en-029")
 TRAIN_VARIANTS = (
@@ -78,8 +78,9 @@ class Voice:
     snr_db: float  # background noise level
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, voices: tuple[str, ...] = VOICES, *, rate=RATE_WPM,
-               pitch=PITCH, snr_db=SNR_DB) -> "Voice":
+    def sample(cls, rng: np.random.Generator, voices: tuple[str, ...] = VOICES, *,
+               rate: tuple[int, int] = RATE_WPM, pitch: tuple[int, int] = PITCH,
+               snr_db: tuple[float, float] = SNR_DB) -> "Voice":
         return cls(
             name=voices[rng.integers(len(voices))],
             rate=int(rng.integers(rate[0], rate[1] + 1)),
