@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from exp_scaling import lookup, opt_command  # the sibling experiment's helpers (scripts/ is on sys.path)
 
 from opt.data.world.speech import UNSEEN_VOICES, VOICES, Voice
 
@@ -45,10 +46,6 @@ FIGURES = (
     ("audio caption WER", ("captioning", "audio", "wer")),
 )
 SPLITS = ("test", "test_novel", "test_unseen")
-
-
-def opt_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "opt", *args]
 
 
 def probe_config(base: Path, world: Path, tokenizer: Path, seed: int) -> dict:
@@ -134,10 +131,11 @@ def diagnose(args: argparse.Namespace) -> None:
     splits = diagnostic_splits(Path(args.world), out / "diagnostic", args.count)
     results = json.loads((out / "diagnostic.json").read_text()) if (out / "diagnostic.json").exists() else {}
     for run_name in args.runs:
+        todo = {split: shards for split, shards in splits.items() if split not in results.get(run_name, {})}
+        if not todo:
+            continue
         loaded = load_model(out / run_name / "model")
-        for split, shards in splits.items():
-            if split in results.get(run_name, {}):
-                continue
+        for split, shards in todo.items():
             encoded = encode_split(loaded, shards, modalities=("text", "audio"))
             a2t = retrieve(loaded, encoded, ("audio",), "text", rerank_k=10)
             captions = caption_split(loaded, shards, "audio")
@@ -154,14 +152,6 @@ def diagnose(args: argparse.Namespace) -> None:
     for run_name in args.runs:
         print(f"| {run_name} | " + " | ".join(f"{results[run_name][split][key]:.3f}" for split in names
                                                for key in keys) + " |")
-
-
-def lookup(metrics: dict, path: tuple[str, ...]) -> float | None:
-    for key in path:
-        if not isinstance(metrics, dict) or key not in metrics:
-            return None
-        metrics = metrics[key]
-    return float(metrics)
 
 
 def table(args: argparse.Namespace) -> None:
