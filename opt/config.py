@@ -293,6 +293,9 @@ class VQTrainConfig:
     lr: float = ranged(1e-3, gt=0)  # Adam learning rate (cosine decay)
     # > 0 weights pixels far from the image median more (see vq.reconstruction_loss)
     foreground_weight: float = ranged(0.0, ge=0)
+    # the convolutions' autocast while training: fp32, bf16, or auto (bf16 where the device computes
+    # it natively); the quantizer, the weights and every later encoding stay in fp32
+    precision: Precision = Precision.fp32
 
 
 TASK_NAMES = ("mlm", "mvm", "mam", "text_decoding", "image_decoding", "itm", "contrastive")
@@ -505,6 +508,9 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"config key 'model.vision.patch_size': {vision.patch_size} does not divide "
                           f"data.image_size {data.image_size}")
     model.vq.check_fsq()
+    if config.vq_train.precision == Precision.fp16:
+        raise ConfigError("config key 'vq_train.precision': fp16 is not offered for the VQ tokenizer "
+                          "(no loss scaling); use fp32, bf16 or auto")
     if data.image_size % model.vq.downsample:
         raise ConfigError(f"config key 'data.image_size': must be a multiple of model.vq.downsample "
                           f"{model.vq.downsample} (the VQ tokenizer's grid cell), got {data.image_size}")

@@ -30,9 +30,9 @@ windows interleave. Target: with each competitor the step keeps >= 40% of its id
 fraction of the governed steps run on fewer threads than torch started with is reported per arm: on
 an idle machine it should be 0, the two processes then running the same step.
 
-``--loader``: the tiny step as the demo trains, fed by the training loader's worker processes
-against the same batches held in memory, rounds interleaved (target: the live loader costs at
-most 15%). See :func:`loader_cost`.
+``--loader``: the tiny step as the demo trains, fed by the training loader in the training process
+(the demo's setting) and by two worker processes, against the same batches held in memory, rounds
+interleaved (target: the live loader costs at most 15%). See :func:`loader_cost`.
 """
 
 from __future__ import annotations
@@ -272,12 +272,14 @@ def contention(seconds: float, rounds: int) -> dict:
 # -- live loader -------------------------------------------------------------------------------
 
 def loader_cost(rounds: int, samples: int, steps: int) -> dict:
-    """The tiny step as the demo trains (fp32, sample mode, batch 32; its loader: 2 workers, decoded
-    samples cached) fed by the training loader, against the same step on batches it gave before,
-    held in memory. A world of ``samples`` training samples is synthesized first; the loader runs
-    one full pass before the rounds (its first-pass rate is reported: decoding every sample), so
-    the rounds see what a run sees after its first epoch. Each round times ``steps`` steps of
-    each arm in turn; the loader's iterator lives across rounds, as in training."""
+    """The tiny step as the demo trains (fp32, sample mode, batch 32, decoded samples cached) fed by
+    the training loader in this process (``data.workers: 0``, the demo's) and by two worker processes,
+    against the same step on batches the loader gave before, held in memory. A world of ``samples``
+    training samples is synthesized first; each loader runs one full pass before the rounds (its
+    first-pass rate is reported: decoding every sample), so the rounds see what a run sees after
+    its first epoch. Each round times ``steps`` steps of each arm in turn; the loaders' iterators
+    live across rounds, as in training."""
+    import dataclasses
     import itertools
     import tempfile
 
@@ -287,6 +289,7 @@ def loader_cost(rounds: int, samples: int, steps: int) -> dict:
     from opt.text.tokenizer import iter_shard_captions, train_tokenizer
 
     config = load_config(ROOT / "configs/tiny.yaml")
+    loaders = {"in_process": 0, "two_workers": 2}
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(tmp) / "world"
         synthesize_world(world, {"train": samples, "val": 0, "test": 0, "test_novel": 0}, seed=0,
@@ -294,31 +297,34 @@ def loader_cost(rounds: int, samples: int, steps: int) -> dict:
         tokenizer = train_tokenizer(iter_shard_captions(resolve_shards(str(world))), Path(tmp) / "tokenizer.model",
                                     vocab_size=config.tokenizer.vocab_size)
         step = RealStep("tiny", tokenizer=tokenizer)
-        loader = BatchLoader(f"{world}/train-*.tar", step.config.data, step.config.audio, tokenizer, train=True,
-                             seed=0)
-        batches = iter(loader)
-        step(next(batches))  # worker start-up is not throughput
-        first_pass = samples // step.batch_size
-        start = time.perf_counter()
-        in_memory = []
-        for batch in itertools.islice(batches, first_pass):
-            step(batch)
-            in_memory.append(batch)
-        results = {"loader_world_samples": samples,
-                   "loader_first_pass_samples_per_s": len(in_memory) * step.batch_size / (time.perf_counter() - start)}
-        rates = {"in_memory": [], "live_loader": []}
+        streams, results, in_memory = {}, {"loader_world_samples": samples}, []
+        for arm, workers in loaders.items():
+            data = dataclasses.replace(step.config.data, workers=workers)
+            streams[arm] = iter(BatchLoader(f"{world}/train-*.tar", data, step.config.audio, tokenizer, train=True,
+                                            seed=0))
+            step(next(streams[arm]))  # worker start-up is not throughput
+            first_pass = samples // step.batch_size
+            start = time.perf_counter()
+            for batch in itertools.islice(streams[arm], first_pass):
+                step(batch)
+                if arm == "two_workers":
+                    in_memory.append(batch)
+            results[f"loader_{arm}_first_pass_samples_per_s"] = first_pass * step.batch_size / (
+                time.perf_counter() - start)
+        rates = {"in_memory": [], **{arm: [] for arm in loaders}}
         for _ in range(rounds):
             for arm in rates:
                 start = time.perf_counter()
                 for index in range(steps):
-                    step(in_memory[index % len(in_memory)] if arm == "in_memory" else next(batches))
+                    step(in_memory[index % len(in_memory)] if arm == "in_memory" else next(streams[arm]))
                 rates[arm].append(steps * step.batch_size / (time.perf_counter() - start))
-        del batches
+        del streams
     for arm, values in rates.items():
         results |= {f"loader_{arm}_samples_per_s": statistics.median(values),
                     f"loader_{arm}_range": f"{min(values):.1f}-{max(values):.1f}"}
-    results["loader_live_cost"] = 1 - results["loader_live_loader_samples_per_s"] / results[
-        "loader_in_memory_samples_per_s"]
+    for arm in loaders:
+        results[f"loader_{arm}_cost"] = 1 - results[f"loader_{arm}_samples_per_s"] / results[
+            "loader_in_memory_samples_per_s"]
     return results
 
 

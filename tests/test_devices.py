@@ -80,7 +80,7 @@ def test_vq_train_runs_on_the_device_it_is_given(world, tmp_path, capsys):
     out = tmp_path / "vq"
     assert main(["vq", "train", "--config", "configs/tiny.yaml", "--device", "cpu", "--data",
                  f"{world}/train-*.tar", "--val", f"{world}/val-*.tar", "--out", str(out),
-                 "model.vq.codebook_size=32", "model.vq.channels=16", "vq_train.steps=3", "vq_train.batch_size=4",
+                 "model.vq.quantizer=vq", "model.vq.codebook_size=32", "model.vq.channels=16", "vq_train.steps=3", "vq_train.batch_size=4",
                  "data.workers=0", "data.shuffle_buffer=0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["images"] == 24 and metrics["psnr"] > 0

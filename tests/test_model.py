@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.cross.width=64", "model.cross.layers=1", "model.vision.width=64", "model.vision.layers=1",
          "model.text.width=64", "model.text.layers=1", "model.audio.width=64", "model.audio.layers=1",
          "model.text_decoder.width=64", "model.text_decoder.layers=2", "model.image_decoder.width=64",
-         "model.image_decoder.layers=1", "model.towers.dim=32", "model.vq.codebook_size=64", "model.vq.channels=16",
-         "model.vq.res_blocks=0", "data.batch_size=6", "data.workers=0",
+         "model.image_decoder.layers=1", "model.towers.dim=32", "model.vq.quantizer=vq", "model.vq.codebook_size=64",
+         "model.vq.channels=16", "model.vq.res_blocks=0", "data.batch_size=6", "data.workers=0",
          "tasks.phases=[]"]  # tests of a few steps run the whole mixture from step 0
 
 

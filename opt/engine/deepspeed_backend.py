@@ -83,13 +83,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _without_shared_memory_op(skip: bool):
+    """DeepSpeed's communication backend compiles a shared-memory all-reduce op for CPUs the first
+    time it starts on a machine (about 30 s on two cores) and whenever its build cache is stale. A
+    world of one process never communicates, so there it is marked unavailable, which DeepSpeed
+    itself does on a CPU that cannot build it."""
+    compatible = deepspeed.ops.__compatible_ops__
+    key = "deepspeed_shm_comm"
+    if not skip or key not in compatible:
+        yield
+        return
+    before = compatible[key]
+    compatible[key] = False
+    try:
+        yield
+    finally:
+        compatible[key] = before
+
+
 def init_distributed() -> torch.device:
     """Join (or, for a plain single process, create) the process group; returns this rank's device."""
     if "RANK" not in os.environ:  # not started by a launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        with _without_shared_memory_op(os.environ["WORLD_SIZE"] == "1"):
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

@@ -1,4 +1,4 @@
-"""Train the VQ image tokenizer on shard images (one process, fp32).
+"""Train the VQ image tokenizer on shard images (one process; fp32, or its convolutions in bf16).
 
 ``opt vq train --config FILE --data SHARDS --out DIR [--device cuda]`` writes
 ``DIR`` as a VQ directory (config + safetensors) plus ``reconstructions.png``
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from opt.config import Config
 from opt.data.pipeline import BatchLoader
 from opt.data.world.image_analysis import object_attribute_accuracy
-from opt.devices import resolve_device
+from opt.devices import native_bf16, resolve_device
 from opt.engine.threads import adapt_threads
 from opt.engine.schedule import warmup_decay
 from opt.errors import UserError
@@ -80,6 +80,14 @@ def evaluate_vq(model: VQTokenizer, loader: BatchLoader, max_batches: int | None
     return metrics | {"_pictures": first}
 
 
+def vq_conv_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the tokenizer's convolutions while it trains (``vq_train.precision``; auto: bf16
+    where ``device`` computes it natively, as a CPU with AVX512-BF16 or AMX does)."""
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = None, device: str = "cpu",
              progress: bool = True) -> dict:
     """Train a :class:`VQTokenizer` on ``device`` and write its directory; returns the val metrics."""
@@ -91,6 +99,7 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
     loader = BatchLoader(data, config.data, config.audio, None, train=True, seed=config.train.seed,
                          batch_size=settings.batch_size)
     model = VQTokenizer(config.model.vq).to(target)
+    conv_dtype = vq_conv_dtype(settings.precision, target)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = warmup_decay(optimizer, warmup=max(1, settings.steps // 20), total=settings.steps, decay_start=0)
     bar = tqdm(total=settings.steps, desc="vq", disable=not progress)
@@ -99,7 +108,7 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
         if target.type == "cpu":
             adapt_threads()  # as many threads as other processes leave cores (opt.engine.threads)
         pixels = next(batches)["image"]["pixels"].to(target, non_blocking=True)
-        output = model(pixels)
+        output = model(pixels, conv_dtype=conv_dtype)
         loss = reconstruction_loss(output["reconstruction"], pixels, foreground_weight=settings.foreground_weight)
         loss = loss + output["commit_loss"]
         optimizer.zero_grad(set_to_none=True)
@@ -119,6 +128,7 @@ def train_vq(config: Config, data: str, out: str | Path, *, val: str | None = No
     count = min(16, originals.shape[0])
     save_image_grid(list(originals[:count]) + list(reconstructions[:count]), out / "reconstructions.png",
                     columns=count, row_labels=["original", "VQ"])
-    metrics |= {"steps": settings.steps, "codebook_size": model.codebook_size, "data_stats": loader.stats.summary()}
+    metrics |= {"steps": settings.steps, "precision": str(conv_dtype).removeprefix("torch."),
+                "codebook_size": model.codebook_size, "data_stats": loader.stats.summary()}
     write_atomic(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics

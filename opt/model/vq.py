@@ -119,13 +119,21 @@ class VQTokenizer(nn.Module):
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
-    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reconstruct: ``{"reconstruction" (b, 3, H, W) in [0, 1] (unclamped), "codes" (b, n), "commit_loss"}``."""
-        with torch.autocast(pixels.device.type, enabled=False):
-            latent = self.encoder(pixels.float() * 2 - 1)
-            quantized, codes, commit_loss = self._quantize(latent)
-            reconstruction = (self.decoder(quantized) + 1) / 2
-        return {"reconstruction": reconstruction, "codes": codes.flatten(1), "commit_loss": commit_loss}
+    def forward(self, pixels: torch.Tensor, *, conv_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Reconstruct: ``{"reconstruction" (b, 3, H, W) in [0, 1] (unclamped), "codes" (b, n), "commit_loss"}``.
+
+        Whatever autocast surrounds the call, the tokenizer runs in fp32, unless ``conv_dtype`` asks for
+        the encoder's and decoder's convolutions in bf16 (training on hardware with native bf16); the
+        quantizer always sees fp32 latents and the reconstruction is fp32."""
+        device = pixels.device.type
+        low = conv_dtype != torch.float32
+        with torch.autocast(device, enabled=False):
+            with torch.autocast(device, dtype=conv_dtype, enabled=low):
+                latent = self.encoder(pixels.float() * 2 - 1)
+            quantized, codes, commit_loss = self._quantize(latent.float())
+            with torch.autocast(device, dtype=conv_dtype, enabled=low):
+                reconstruction = (self.decoder(quantized) + 1) / 2
+        return {"reconstruction": reconstruction.float(), "codes": codes.flatten(1), "commit_loss": commit_loss}
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
