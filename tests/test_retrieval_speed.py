@@ -109,3 +109,35 @@ def test_benchmark_all_pairs_arm_ranks_every_pair_by_the_shared_score(encoded, m
         reranked = retrieve(loaded, split, *DIRECTIONS[name], rerank_k=4)
         assert row["r1_two_tower_rerank"] == reranked["r1"] and row["r1_two_tower"] == reranked["two_tower"]["r1"]
         assert row["speedup"] == pytest.approx(row["all_pairs_s"] / row["two_tower_rerank_s"])
+
+
+def test_other_queries_are_distinct_rows_never_the_pairs_own():
+    from opt.downstream.retrieval import other_queries
+
+    queries = torch.tensor([3, 3, 7, 7, 9, 9, 12, 12, 20, 20])  # five distinct rows, two pairs each
+    others = other_queries(queries, 3)
+    assert others.shape == (3, len(queries))
+    for column, own in enumerate(queries.tolist()):
+        picked = others[:, column].tolist()
+        assert own not in picked and len(set(picked)) == 3 and set(picked) <= {3, 7, 9, 12, 20}
+    assert other_queries(queries, 10).shape == (4, len(queries))  # at most the four others
+    assert other_queries(torch.tensor([5, 5]), 4).shape == (0, 2)  # one query: no prior
+
+
+@pytest.mark.parametrize("name", ["a2t", "i2t", "t2i"])
+def test_caption_prior_subtracts_the_log_mean_likelihood_under_other_queries(encoded, name):
+    from opt.downstream.retrieval import caption_log_likelihoods, other_queries
+
+    loaded, split = encoded
+    query, target = DIRECTIONS[name]
+    queries, candidates = every_pair(len(split))
+    plain = pair_scores(loaded, split, query, target, queries, candidates)
+    relative = pair_scores(loaded, split, query, target, queries, candidates, caption_prior=2)
+    if target != "text":  # a text query's prior is the same for every candidate: nothing changes
+        torch.testing.assert_close(relative, plain)
+        return
+    likelihoods = torch.stack([caption_log_likelihoods(loaded, split, query, rows, candidates)
+                               for rows in other_queries(queries, 2)])
+    prior = torch.log(likelihoods.exp().mean(0))
+    torch.testing.assert_close(relative, plain - prior, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(relative, plain)

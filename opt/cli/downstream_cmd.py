@@ -31,6 +31,18 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     add_device(parser)
 
 
+def add_caption_terms(parser: argparse.ArgumentParser) -> None:
+    """Re-ranking's caption terms: ``--no-caption-likelihood`` and ``--caption-prior``."""
+    from opt.downstream.retrieval import DEFAULT_CAPTION_PRIOR
+
+    parser.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
+                        help="re-rank without the text decoder's caption likelihood (captions: "
+                        "log P(caption | query); images or speech for a text query: log P(query | candidate))")
+    parser.add_argument("--caption-prior", type=non_negative_int, default=DEFAULT_CAPTION_PRIOR,
+                        help="captions as candidates: take each one's likelihood relative to its mean given this "
+                        f"many other queries, 0 = off (default {DEFAULT_CAPTION_PRIOR})")
+
+
 def add_decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoding", default="autoregressive", choices=["parallel", "autoregressive"],
                         help="image-token decoding (default autoregressive: on the demo model it drew colour, "
@@ -85,9 +97,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--rerank-k", type=non_negative_int, default=16,
                           help="top candidates re-ranked by the cross encoder, 0 = off (default 16)")
     retrieve.add_argument("--limit", type=positive_int, help="use at most this many samples")
-    retrieve.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
-                          help="re-rank without the text decoder's caption likelihood (captions: "
-                          "log P(caption | query); images or speech for a text query: log P(query | candidate))")
+    add_caption_terms(retrieve)
     retrieve.add_argument("--out", type=output_file, help="write the metrics to this JSON file")
     add_batch_size(retrieve, what="samples encoded, and (query, candidate) pairs re-ranked, at once")
     retrieve.set_defaults(handler=run_retrieve)
@@ -266,7 +276,8 @@ def run_retrieve(args: argparse.Namespace) -> None:
     for name, (query, target) in directions.items():
         with inference_autocast(loaded.device, loaded.model):
             results[name] = retrieve(loaded, split, query, target, rerank_k=args.rerank_k,
-                                     caption_likelihood=args.caption_likelihood, batch_size=args.batch_size)
+                                     caption_likelihood=args.caption_likelihood, caption_prior=args.caption_prior,
+                                     batch_size=args.batch_size)
         _print_metrics(f"{name} (n={results[name]['n']})", results[name])
         seconds = results[name]["seconds"]
         print(f"  two-tower {seconds['two_tower']:.2f} s, re-rank {seconds['rerank']:.2f} s")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from opt.cli.common import add_batch_size, non_negative_int, output_folder, positive_int
-from opt.cli.downstream_cmd import add_decoding, add_model, load_from_args
+from opt.cli.downstream_cmd import add_caption_terms, add_decoding, add_model, load_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -22,9 +22,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--run-dir", help="training run whose curves go into the report")
     evaluate.add_argument("--limit", type=positive_int, help="samples per split (default all)")
     evaluate.add_argument("--rerank-k", type=non_negative_int, default=16, help="retrieval re-ranking (default 16)")
-    evaluate.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
-                          help="re-rank without the text decoder's caption likelihood (captions: "
-                          "log P(caption | query); images or speech for a text query: log P(query | candidate))")
+    add_caption_terms(evaluate)
     evaluate.add_argument("--beam", type=positive_int, default=1, help="captioning beam size (default 1)")
     evaluate.add_argument("--generate-count", type=positive_int, default=64,
                           help="text-to-image prompts per split (default 64)")
@@ -50,7 +48,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
         curves = plot_run(args.run_dir)
     settings = EvalSettings(limit=args.limit, batch_size=args.batch_size, rerank_k=args.rerank_k,
-                            caption_likelihood=args.caption_likelihood, beam=args.beam,
+                            caption_likelihood=args.caption_likelihood, caption_prior=args.caption_prior,
+                            beam=args.beam,
                             generate_count=args.generate_count, decoding=args.decoding, steps=args.steps,
                             guidance=args.guidance, candidates=args.candidates, seed=args.seed,
                             with_meteor=args.meteor)

@@ -34,7 +34,7 @@ from opt.data.pipeline import DataStats
 from opt.downstream.common import EncodedSplit, LoadedModel, encode_split, split_modalities
 from opt.downstream.plugins import PLUGINS, EvaluationPlugin, find_splits
 from opt.downstream.report import evaluation_section, render_report
-from opt.downstream.retrieval import DIRECTIONS, retrieve
+from opt.downstream.retrieval import DEFAULT_CAPTION_PRIOR, DIRECTIONS, retrieve
 from opt.downstream.text_to_image import DEFAULT_CANDIDATES, DEFAULT_DECODING, evaluate_text_to_image
 from opt.errors import UserError
 from opt.files import write_atomic
@@ -53,6 +53,7 @@ class EvalSettings:
     batch_size: int = 64  # samples encoded or captioned, and (query, candidate) pairs re-ranked, at once
     rerank_k: int = 16  # retrieval: candidates re-ranked by the cross encoder (0 = off)
     caption_likelihood: bool = True  # re-ranking adds the text decoder's log P(caption | query) or P(query | candidate)
+    caption_prior: int = DEFAULT_CAPTION_PRIOR  # ... a candidate caption's relative to its mean over this many other queries
     beam: int = 1  # captioning beam size (1 = greedy)
     generate_count: int = 64  # text-to-image: prompts per split
     decoding: str = DEFAULT_DECODING  # text-to-image: autoregressive | parallel
@@ -91,6 +92,7 @@ def evaluate_split(loaded: LoadedModel, shards: str, settings: EvalSettings, *,
         if set(query) | {target} <= set(carried):
             metrics["retrieval"][name] = retrieve(loaded, split, query, target, rerank_k=settings.rerank_k,
                                                   caption_likelihood=settings.caption_likelihood,
+                                                  caption_prior=settings.caption_prior,
                                                   batch_size=settings.batch_size)
     timings["retrieval"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -40,6 +40,7 @@ figures before re-ranking, ``seconds`` the time of each stage.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Hashable, Sequence
 
@@ -55,6 +56,7 @@ DIRECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "ta2i": (("text", "audio"), "image"),
 }
 LETTERS = {"text": "t", "image": "i", "audio": "a"}
+DEFAULT_CAPTION_PRIOR = 0  # other queries whose mean caption likelihood is a candidate caption's prior (0: none)
 
 
 def direction_name(query: tuple[str, ...], target: str) -> str:
@@ -195,14 +197,33 @@ def pair_tower_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str
     return matrix[query_of_pair, candidate_of_pair]
 
 
+def other_queries(queries: torch.Tensor, count: int) -> torch.Tensor:
+    """For each pair's query row (p,), ``count`` other distinct query rows (count, p): the distinct
+    rows in order, each pair's own shifted by evenly spaced offsets, so no pair gets its own row
+    (fewer than ``count`` when there are not that many others)."""
+    rows, position = queries.unique(return_inverse=True)
+    count = min(count, len(rows) - 1)
+    shifts = [(index + 1) * len(rows) // (count + 1) for index in range(count)]
+    if not shifts:
+        return queries.new_empty((0, len(queries)))
+    return torch.stack([rows[(position + shift) % len(rows)] for shift in shifts])
+
+
 def pair_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], target: str,
                 queries: torch.Tensor, candidates: torch.Tensor, *, caption_likelihood: bool = True,
-                batch_size: int = 256) -> torch.Tensor:
+                caption_prior: int = 0, batch_size: int = 256) -> torch.Tensor:
     """The re-ranking score of each (query row, candidate row) pair (p,), higher is better:
     the matching head's log P(matched) plus the towers' contrastive logit, plus the caption's
     log-likelihood when ``caption_likelihood`` and a caption is on one side (see the module
     docstring). Re-ranking the top K and ranking every pair by the cross encoder both score
-    with this, so the two differ only in the pairs they score."""
+    with this, so the two differ only in the pairs they score.
+
+    With ``caption_prior`` M > 0 and captions as candidates, the likelihood of a candidate caption
+    is taken relative to its prior: the log of its mean likelihood given M other queries of the
+    split (:func:`other_queries`) is subtracted, giving the pointwise mutual information of caption
+    and query. A caption whose words the decoder finds unlikely whatever it hears (a phrasing
+    never met in training) then no longer loses to a likely phrasing of the wrong facts. A text
+    query's own prior is the same for every candidate and changes no ranking, so there is none."""
     scores = matching_scores(loaded, split, query, target, queries, candidates, batch_size=batch_size)
     # ITM's log p(matched) plus the towers' contrastive logit: the product of the two models'
     # probabilities. On the demo model it beat either alone (a2t R@1: towers 0.282, ITM 0.228, both 0.292)
@@ -211,6 +232,11 @@ def pair_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...]
     scores = scores + scale * pair_tower_scores(loaded, split, query, target, queries, candidates)
     if caption_likelihood and target == "text":  # log P(candidate caption | query)
         scores = scores + caption_log_likelihoods(loaded, split, query, queries, candidates, batch_size=batch_size)
+        others = other_queries(queries, caption_prior)
+        if len(others):  # minus log mean P(candidate caption | another query)
+            priors = torch.stack([caption_log_likelihoods(loaded, split, query, rows, candidates, batch_size=batch_size)
+                                  for rows in others])
+            scores = scores - (torch.logsumexp(priors, 0) - math.log(len(others)))
     elif caption_likelihood and "text" in query:  # log P(query caption | candidate): the captioner scores each
         scores = scores + caption_log_likelihoods(loaded, split, (target,), candidates, queries,
                                                   batch_size=batch_size)
@@ -218,7 +244,8 @@ def pair_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...]
 
 
 def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], target: str, *,
-             rerank_k: int = 16, caption_likelihood: bool = True, batch_size: int = 256) -> dict:
+             rerank_k: int = 16, caption_likelihood: bool = True, caption_prior: int = 0,
+             batch_size: int = 256) -> dict:
     """Rank all candidates for every query; metrics after re-ranking (and before, in ``two_tower``).
     ``batch_size``: (query, candidate) pairs re-ranked at once."""
     missing = [m for m in (*query, target) if m not in split.unimodal]
@@ -241,7 +268,8 @@ def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], t
     start = time.perf_counter()
     top = scores.topk(k, dim=1).indices  # (q, k) columns of ``scores``
     reranked = pair_scores(loaded, split, query, target, queries.repeat_interleave(k), candidates[top].reshape(-1),
-                           caption_likelihood=caption_likelihood, batch_size=batch_size).reshape(n, k)
+                           caption_likelihood=caption_likelihood, caption_prior=caption_prior,
+                           batch_size=batch_size).reshape(n, k)
     result.update(rank_metrics(reranked_ranks(tower_ranks, reranked, matches.gather(1, top))))
     result["seconds"] |= {"rerank": time.perf_counter() - start, "rerank_pairs": n * k}
     return result
