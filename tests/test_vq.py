@@ -53,8 +53,8 @@ def _flat_colour_psnr(shards, config):
 
 @pytest.mark.slow
 def test_trained_vq_reconstructs_val_images_well_above_a_flat_baseline(world, tmp_path, capsys):
-    overrides = ["model.vq.codebook_size=128", "model.vq.channels=16", "model.vq.res_blocks=0",
-                 "vq_train.steps=400", "data.workers=1"]
+    overrides = ["model.vq.quantizer=vq", "model.vq.codebook_size=128", "model.vq.channels=16",
+                 "model.vq.res_blocks=0", "vq_train.steps=400", "vq_train.precision=fp32", "data.workers=1"]
     out = tmp_path / "vq"
     assert main(["vq", "train", "--config", "configs/tiny.yaml", "--data", f"{world}/train-*.tar",
                  "--val", f"{world}/val-*.tar", "--out", str(out), *overrides]) == 0
@@ -153,16 +153,46 @@ def test_fsq_tokenizer_saves_and_loads_with_the_same_codes_and_pixels(tmp_path):
 
 
 def test_fsq_levels_must_give_codebook_size():
-    with pytest.raises(ConfigError, match="fsq levels \\[8, 5, 5, 5\\] give 1000 codes, got 512"):
-        load_config("configs/tiny.yaml", ["model.vq.quantizer=fsq", "model.vq.fsq_levels=[8,5,5,5]"])
+    with pytest.raises(ConfigError, match="fsq levels \\[8, 8, 8\\] give 512 codes, got 1000"):
+        load_config("configs/tiny.yaml", ["model.vq.fsq_levels=[8,8,8]"])
     with pytest.raises(ConfigError, match="each >= 3"):
-        load_config("configs/tiny.yaml", ["model.vq.quantizer=fsq", "model.vq.fsq_levels=[2,4]",
-                                          "model.vq.codebook_size=8"])
+        load_config("configs/tiny.yaml", ["model.vq.fsq_levels=[2,4]", "model.vq.codebook_size=8"])
     with pytest.raises(ConfigError, match="give 125 codes, got 512"):  # a VQConfig built in code, unchecked until here
         VQTokenizer(VQConfig(quantizer="fsq", fsq_levels=[5, 5, 5]))
-    config = load_config("configs/tiny.yaml", ["model.vq.quantizer=fsq"])  # the default levels give 512 = tiny's size
-    assert config.model.vq.fsq_codes == config.model.vq.codebook_size == 512
-    assert load_config("configs/tiny.yaml", ["model.vq.fsq_levels=[5,5]"]).model.vq.codebook_size == 512  # vq: unused
+    config = load_config("configs/tiny.yaml")  # the demo's tokenizer: FSQ [8, 5, 5, 5]
+    assert config.model.vq.quantizer == Quantizer.fsq and config.model.vq.fsq_codes == config.model.vq.codebook_size
+    assert load_config("configs/tiny.yaml", ["model.vq.quantizer=vq", "model.vq.codebook_size=64",
+                                             "model.vq.fsq_levels=[5,5]"]).model.vq.codebook_size == 64  # vq: unused
+
+
+def test_vq_training_precision_runs_the_convolutions_in_bf16_and_keeps_the_rest_fp32():
+    from opt.engine.vq import vq_conv_dtype
+
+    model = VQTokenizer(VQConfig(quantizer="fsq", fsq_levels=[5, 5, 5], codebook_size=125, channels=8, code_dim=16,
+                                 res_blocks=0))
+    pixels = torch.rand(2, 3, 64, 64)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = out.dtype  # returns None: the output stays as it is
+        return hook
+
+    model.encoder[0].register_forward_hook(record("encoder"))
+    model.decoder[-1].register_forward_hook(record("decoder"))
+    out = model(pixels, conv_dtype=torch.bfloat16)
+    assert seen == {"encoder": torch.bfloat16, "decoder": torch.bfloat16}
+    assert out["reconstruction"].dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    out["reconstruction"].mean().backward()
+    assert model.encoder[0].weight.grad.dtype == torch.float32 and model.encoder[0].weight.grad.abs().sum() > 0
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inside a bf16 model the tokenizer stays fp32
+        model(pixels)
+    assert seen == {"encoder": torch.float32, "decoder": torch.float32}
+    cpu = torch.device("cpu")
+    assert vq_conv_dtype("bf16", cpu) == torch.bfloat16 and vq_conv_dtype("fp32", cpu) == torch.float32
+    with pytest.raises(ConfigError, match="vq_train.precision"):
+        load_config("configs/tiny.yaml", ["vq_train.precision=fp16"])
 
 
 def _squares(count: int, generator: torch.Generator) -> torch.Tensor:
