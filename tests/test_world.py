@@ -19,11 +19,8 @@ from opt.data.world.captions import (
     ONE_OBJECT,
     POSITION_PHRASES,
     RELATION_PHRASES,
-    TRAIN_LEAD_INS,
     TRAIN_ONE_OBJECT,
     TRAIN_POSITION_PHRASES,
-    TRAIN_POSITION_PHRASES_2,
-    TRAIN_TAILS,
     TRAIN_TWO_OBJECTS,
     TWO_OBJECTS,
     UNSEEN_ONE_OBJECT,
@@ -122,8 +119,7 @@ def test_captions_state_the_facts_in_the_metadata(splits):
         assert named == expected, caption
         if meta["relation"] is None:
             places = {"test_unseen": [UNSEEN_POSITION_PHRASES],
-                      "train": [POSITION_PHRASES, TRAIN_POSITION_PHRASES, TRAIN_POSITION_PHRASES_2],
-                      }.get(meta["split"], [POSITION_PHRASES])
+                      "train": [POSITION_PHRASES, TRAIN_POSITION_PHRASES]}.get(meta["split"], [POSITION_PHRASES])
             assert any(phrases[meta["objects"][0]["position"]] in caption for phrases in places), caption
             assert not any(phrase in caption for phrase in RELATION_PHRASES.values())
         else:
@@ -137,37 +133,21 @@ def test_several_phrasings_are_used(splits):
         caption = sample["txt"].decode()
         for obj in _named_objects(caption):
             caption = caption.replace(f"{obj['size']} {obj['color']} {obj['shape']}", "X")
-        caption = _without_carrier_words(caption)
-        for phrases in (TRAIN_POSITION_PHRASES_2, TRAIN_POSITION_PHRASES, POSITION_PHRASES, RELATION_PHRASES):
-            for phrase in phrases.values():
-                caption = caption.replace(phrase, "P")
+        for phrase in [*TRAIN_POSITION_PHRASES.values(), *POSITION_PHRASES.values(), *RELATION_PHRASES.values()]:
+            caption = caption.replace(phrase, "P")
         templates[caption] += 1
     assert len(templates) >= 4 + 3
 
 
-def _without_carrier_words(caption: str) -> str:
-    """A train caption without its lead-in and tail (generator 2.1); other captions as they are."""
-    for lead_in in sorted(TRAIN_LEAD_INS, key=len, reverse=True):  # no frame starts with one of them
-        if caption.startswith(lead_in + " "):
-            caption = caption.removeprefix(lead_in + " ")
-            break
-    for tail in sorted(TRAIN_TAILS, key=len, reverse=True):
-        if caption.endswith(" " + tail):
-            return caption.removesuffix(" " + tail)
-    return caption
-
-
 def _frame(caption: str, meta: dict) -> str:
-    """The caption with its objects as {obj} / {first} / {second} and its place as {where} or {relation}
-    (a train caption's lead-in and tail removed)."""
-    caption = _without_carrier_words(caption) if meta["split"] == "train" else caption
+    """The caption with its objects as {obj} / {first} / {second} and its place as {where} or {relation}."""
     objects = meta["objects"]
     names = ["obj"] if len(objects) == 1 else ["first", "second"]
     for name, obj in zip(names, objects):
         caption = caption.replace(f"{obj['size']} {obj['color']} {obj['shape']}", "{" + name + "}", 1)
     if meta["relation"] is None:
         # "over on the right" and "on the right side" before "on the right"
-        for places in (TRAIN_POSITION_PHRASES_2, TRAIN_POSITION_PHRASES, UNSEEN_POSITION_PHRASES, POSITION_PHRASES):
+        for places in (TRAIN_POSITION_PHRASES, UNSEEN_POSITION_PHRASES, POSITION_PHRASES):
             caption = caption.replace(places[objects[0]["position"]], "{where}")
     return caption.replace(RELATION_PHRASES.get(meta["relation"] or "", "-"), "{relation}")
 
@@ -223,31 +203,6 @@ def test_train_hears_many_voices_and_phrasings_and_the_test_splits_keep_theirs(s
     assert any(phrase in s["txt"].decode() for s in splits["train"] for phrase in TRAIN_POSITION_PHRASES.values())
 
 
-def test_train_captions_carry_words_that_name_nothing_and_no_other_split_does(splits):
-    """Generator 2.1: some train captions open with a lead-in or close with a tail, and use a third
-    phrase per position; none of those words is an attribute word or one of test_unseen's own."""
-    train = [s["txt"].decode() for s in splits["train"]]
-    stripped = [_without_carrier_words(caption) for caption in train]
-    with_lead_in = sum(not a.startswith(b) for a, b in zip(train, stripped))
-    carried = sum(a != b for a, b in zip(train, stripped))
-    assert 0.25 < carried / len(train) < 0.75 and with_lead_in > 0, (carried, with_lead_in)
-    assert any(phrase in caption for caption in train for phrase in TRAIN_POSITION_PHRASES_2.values())
-    for split in ("val", "test", "test_novel", "test_unseen"):
-        for sample in splits[split]:
-            caption = sample["txt"].decode()
-            assert _without_carrier_words(caption) == caption, caption
-    attribute_words = {*SHAPES, *COLORS, *SIZES, *POSITIONS, "above", "below", "of"}
-    unseen_words = {w for frame in UNSEEN_ONE_OBJECT + UNSEEN_TWO_OBJECTS for w in frame.replace(",", "").split()}
-    unseen_words |= {w for phrase in UNSEEN_POSITION_PHRASES.values() for w in phrase.split()}
-    seen_words = {w for frame in TRAIN_ONE_OBJECT + TRAIN_TWO_OBJECTS for w in frame.split()}
-    seen_words |= {w for phrase in [*POSITION_PHRASES.values(), *TRAIN_POSITION_PHRASES.values()] for w in phrase.split()}
-    carrier = {w for phrase in TRAIN_LEAD_INS + TRAIN_TAILS for w in phrase.split()}
-    assert not carrier & attribute_words and not carrier & (unseen_words - seen_words), carrier & unseen_words
-    third = {w for phrase in TRAIN_POSITION_PHRASES_2.values() for w in phrase.split()}
-    assert not third & (unseen_words - seen_words)
-    assert not set(TRAIN_POSITION_PHRASES_2.values()) & set(UNSEEN_POSITION_PHRASES.values())
-
-
 def test_a_split_can_be_added_to_an_existing_world_and_nothing_else_changes(tmp_path):
     counts = {"train": 6, "val": 0, "test": 0, "test_novel": 0, "test_unseen": 0}
     synthesize_world(tmp_path, counts, seed=5, shard_size=10, workers=1, progress=False)
@@ -263,10 +218,10 @@ def test_a_split_can_be_added_to_an_existing_world_and_nothing_else_changes(tmp_
     (tmp_path / "manifest.json").write_text('{"seed": 5, "counts": [6]')  # cut short
     with pytest.raises(UserError, match="not a world manifest"):
         synthesize_world(tmp_path, counts, seed=5, shard_size=10, workers=1, progress=False)
-    # an older world's train split is not this one's: adding to it would mix two worlds
-    manifest["version"] = "2.0"
+    # a 1.x world's train split is not 2.0's: adding to it would mix two worlds
+    manifest["version"] = "1.1"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="generator version 2.0 \\(this is 2.1\\)"):
+    with pytest.raises(UserError, match="generator version 1.1 \\(this is 2.0\\)"):
         synthesize_world(tmp_path, counts, seed=5, shard_size=10, workers=1, progress=False)
 
 

@@ -6,8 +6,6 @@ relation words ("left of", "right of", "above", "below") appear verbatim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from opt.data.world.facts import Scene, WorldObject
@@ -82,46 +80,11 @@ TRAIN_TWO_OBJECTS = TWO_OBJECTS + (
     "a {first} lies {relation} a {second}",
 )
 
-# train's carrier words (generator 2.1): a third phrase for each position, and lead-ins and tails
-# that name nothing in the scene, so that a model learns to pick the attribute words out of words
-# it has no use for. None is an attribute or relation word, and none uses a word of test_unseen's
-# frames that train's frames lack (i, can, you, this, image, look, here, sits, side, near, very).
-TRAIN_POSITION_PHRASES_2 = {
-    "left": "along the left",
-    "right": "off to the right",
-    "top": "high up at the top",
-    "bottom": "low at the bottom",
-    "center": "at the exact center",
-}
-TRAIN_LEAD_INS = (
-    "okay", "so", "well", "alright", "now", "and", "next", "hmm", "in the picture", "in our picture",
-    "what we have is", "the frame shows", "it shows", "at last", "we have", "as shown",
-)
-TRAIN_TAILS = (
-    "and nothing else", "on a dark background", "in the frame", "and that is all", "more or less",
-    "against the backdrop", "it seems", "in the shot", "as drawn", "for sure",
-)
-LEAD_IN_RATE, TAIL_RATE = 0.4, 0.3  # the fraction of train captions that get a lead-in, a tail
-
-
-@dataclass(frozen=True)
-class Phrasing:
-    """How one kind of split states a scene: its sentence frames, the position phrase sets one of
-    which is drawn, and optional carrier words around the sentence."""
-
-    one_object: tuple[str, ...]
-    two_objects: tuple[str, ...]
-    places: tuple[dict[str, str], ...]
-    lead_ins: tuple[str, ...] = ()
-    tails: tuple[str, ...] = ()
-
-
+# (one-object frames, two-object frames, the position phrase sets one of which is drawn)
 PHRASINGS = {
-    "test": Phrasing(ONE_OBJECT, TWO_OBJECTS, (POSITION_PHRASES,)),
-    "train": Phrasing(TRAIN_ONE_OBJECT, TRAIN_TWO_OBJECTS,
-                      (POSITION_PHRASES, TRAIN_POSITION_PHRASES, TRAIN_POSITION_PHRASES_2),
-                      TRAIN_LEAD_INS, TRAIN_TAILS),
-    "unseen": Phrasing(UNSEEN_ONE_OBJECT, UNSEEN_TWO_OBJECTS, (UNSEEN_POSITION_PHRASES,)),
+    "test": (ONE_OBJECT, TWO_OBJECTS, (POSITION_PHRASES,)),
+    "train": (TRAIN_ONE_OBJECT, TRAIN_TWO_OBJECTS, (POSITION_PHRASES, TRAIN_POSITION_PHRASES)),
+    "unseen": (UNSEEN_ONE_OBJECT, UNSEEN_TWO_OBJECTS, (UNSEEN_POSITION_PHRASES,)),
 }
 
 
@@ -132,24 +95,13 @@ def describe(obj: WorldObject) -> str:
 def caption(scene: Scene, rng: np.random.Generator, *, phrasings: str = "test") -> str:
     """A lower-case one-sentence caption of the scene, phrasing chosen by ``rng`` from one of
     :data:`PHRASINGS` ("test": val, test and test_novel; "train"; "unseen": test_unseen)."""
-    phrasing = PHRASINGS[phrasings]
+    one_object, two_objects, place_sets = PHRASINGS[phrasings]
     if scene.relation is None:
         (obj,) = scene.objects
-        template = phrasing.one_object[rng.integers(len(phrasing.one_object))]
+        template = one_object[rng.integers(len(one_object))]
         # a single phrase set draws nothing, so test's captions are generator 1.x's byte for byte
-        sets = phrasing.places
-        places = sets[rng.integers(len(sets))] if len(sets) > 1 else sets[0]
-        sentence = template.format(obj=describe(obj), where=places[obj.position])
-    else:
-        first, second = scene.objects
-        template = phrasing.two_objects[rng.integers(len(phrasing.two_objects))]
-        sentence = template.format(first=describe(first), second=describe(second),
-                                   relation=RELATION_PHRASES[scene.relation])
-    if not phrasing.lead_ins:  # no draws: the other splits' random streams stay as they were
-        return sentence
-    words = [sentence]
-    if rng.random() < LEAD_IN_RATE:
-        words.insert(0, phrasing.lead_ins[rng.integers(len(phrasing.lead_ins))])
-    if rng.random() < TAIL_RATE:
-        words.append(phrasing.tails[rng.integers(len(phrasing.tails))])
-    return " ".join(words)
+        places = place_sets[rng.integers(len(place_sets))] if len(place_sets) > 1 else place_sets[0]
+        return template.format(obj=describe(obj), where=places[obj.position])
+    first, second = scene.objects
+    template = two_objects[rng.integers(len(two_objects))]
+    return template.format(first=describe(first), second=describe(second), relation=RELATION_PHRASES[scene.relation])

@@ -35,10 +35,9 @@ from opt.data.world.speech import UNSEEN_VOICES, VOICES, Speaker, Voice
 from opt.errors import UserError
 from opt.files import write_atomic
 
-# 1.1 added test_unseen; 2.0 widened train's voices, prosody, noise and phrasings; 2.1 gave train's
-# captions carrier words and a third phrase per position (the other splits' samples are byte for
-# byte those of 1.1)
-GENERATOR_VERSION = "2.1"
+# 1.1 added test_unseen; 2.0 widened train's voices, prosody, noise and phrasings (the other
+# splits' samples are byte for byte those of 1.1)
+GENERATOR_VERSION = "2.0"
 SPLITS = ("train", "val", "test", "test_novel", "test_unseen")
 SAMPLE_RATE = 16000
 
@@ -127,7 +126,7 @@ def _process_pool(workers: int):
     return context.Pool(workers, initializer=_worker_init, maxtasksperchild=1)
 
 
-# earlier generator versions whose samples this one reproduces byte for byte (none: 2.1 changed train)
+# earlier generator versions whose samples this one reproduces byte for byte (none: 2.0 changed train)
 COMPATIBLE_VERSIONS = (GENERATOR_VERSION,)
 
 
