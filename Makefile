@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml requirements.lock
 # atomically and is skipped when that output exists; pretraining resumes from its
 # newest checkpoint. `make clean-demo` starts over.
 DEMO_CONFIG := configs/tiny.yaml
-DEMO_VQ_STEPS := 1200
+DEMO_VQ_STEPS := 600
 
 demo: $(STAMP) $(DEMO_RUN)/report/report.md
 	@echo "demo: report in $(DEMO_RUN)/report/report.md (model in $(DEMO_RUN)/model)"

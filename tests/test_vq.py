@@ -153,16 +153,16 @@ def test_fsq_tokenizer_saves_and_loads_with_the_same_codes_and_pixels(tmp_path):
 
 
 def test_fsq_levels_must_give_codebook_size():
-    with pytest.raises(ConfigError, match="fsq levels \\[8, 8, 8\\] give 512 codes, got 1000"):
-        load_config("configs/tiny.yaml", ["model.vq.fsq_levels=[8,8,8]"])
+    with pytest.raises(ConfigError, match="fsq levels \\[8, 5, 5, 5\\] give 1000 codes, got 512"):
+        load_config("configs/tiny.yaml", ["model.vq.quantizer=fsq", "model.vq.fsq_levels=[8,5,5,5]"])
     with pytest.raises(ConfigError, match="each >= 3"):
-        load_config("configs/tiny.yaml", ["model.vq.fsq_levels=[2,4]", "model.vq.codebook_size=8"])
+        load_config("configs/tiny.yaml", ["model.vq.quantizer=fsq", "model.vq.fsq_levels=[2,4]",
+                                          "model.vq.codebook_size=8"])
     with pytest.raises(ConfigError, match="give 125 codes, got 512"):  # a VQConfig built in code, unchecked until here
         VQTokenizer(VQConfig(quantizer="fsq", fsq_levels=[5, 5, 5]))
-    config = load_config("configs/tiny.yaml")  # the demo's tokenizer: FSQ [8, 5, 5, 5]
-    assert config.model.vq.quantizer == Quantizer.fsq and config.model.vq.fsq_codes == config.model.vq.codebook_size
-    assert load_config("configs/tiny.yaml", ["model.vq.quantizer=vq", "model.vq.codebook_size=64",
-                                             "model.vq.fsq_levels=[5,5]"]).model.vq.codebook_size == 64  # vq: unused
+    config = load_config("configs/tiny.yaml", ["model.vq.quantizer=fsq"])  # the default levels give 512 = tiny's size
+    assert config.model.vq.fsq_codes == config.model.vq.codebook_size == 512
+    assert load_config("configs/tiny.yaml", ["model.vq.fsq_levels=[5,5]"]).model.vq.codebook_size == 512  # vq: unused
 
 
 def test_vq_training_precision_runs_the_convolutions_in_bf16_and_keeps_the_rest_fp32():
