@@ -111,31 +111,22 @@ def test_benchmark_all_pairs_arm_ranks_every_pair_by_the_shared_score(encoded, m
         assert row["speedup"] == pytest.approx(row["all_pairs_s"] / row["two_tower_rerank_s"])
 
 
-def test_prior_queries_are_distinct_rows_of_other_groups_and_spread_over_the_split():
-    from types import SimpleNamespace
+def test_other_queries_are_distinct_rows_never_the_pairs_own():
+    from opt.downstream.retrieval import other_queries
 
-    from opt.downstream.retrieval import prior_queries
-
-    groups = ["a", "a", "b", "c", "d", "e", "f", "g", "h", "i"]  # rows 0 and 1 are one group
-    split = SimpleNamespace(groups=lambda: groups)
-    queries = torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 9]).repeat_interleave(2)  # a query side without row 1
-    candidates = torch.tensor([1, 2, 3, 9]).repeat(9 * 2 // 4 + 1)[:len(queries)]
-    distinct, inverse, chosen = prior_queries(split, queries, candidates, 3)
-    assert distinct.tolist() == [1, 2, 3, 9] and torch.equal(distinct[inverse], candidates)
-    assert chosen.shape == (3, 4)
-    for column, candidate in enumerate(distinct.tolist()):
-        picked = chosen[:, column].tolist()
-        assert len(set(picked)) == 3 and set(picked) <= set(queries.tolist())
-        assert all(groups[row] != groups[candidate] for row in picked)  # never the true query's group
-    assert len({tuple(chosen[:, column].tolist()) for column in range(4)}) > 1  # sets differ by candidate
-    _, _, lonely = prior_queries(SimpleNamespace(groups=lambda: ["a"] * 3), torch.tensor([0, 1]),
-                                 torch.tensor([2, 2]), 2)
-    assert (lonely == -1).all()  # every query in the candidate's group: no prior
+    queries = torch.tensor([3, 3, 7, 7, 9, 9, 12, 12, 20, 20])  # five distinct rows, two pairs each
+    others = other_queries(queries, 3)
+    assert others.shape == (3, len(queries))
+    for column, own in enumerate(queries.tolist()):
+        picked = others[:, column].tolist()
+        assert own not in picked and len(set(picked)) == 3 and set(picked) <= {3, 7, 9, 12, 20}
+    assert other_queries(queries, 10).shape == (4, len(queries))  # at most the four others
+    assert other_queries(torch.tensor([5, 5]), 4).shape == (0, 2)  # one query: no prior
 
 
 @pytest.mark.parametrize("name", ["a2t", "i2t", "t2i"])
-def test_caption_prior_subtracts_the_log_mean_likelihood_under_queries_of_other_groups(encoded, name):
-    from opt.downstream.retrieval import caption_log_likelihoods, prior_queries
+def test_caption_prior_subtracts_the_log_mean_likelihood_under_other_queries(encoded, name):
+    from opt.downstream.retrieval import caption_log_likelihoods, other_queries
 
     loaded, split = encoded
     query, target = DIRECTIONS[name]
@@ -145,8 +136,8 @@ def test_caption_prior_subtracts_the_log_mean_likelihood_under_queries_of_other_
     if target != "text":  # a text query's prior is the same for every candidate: nothing changes
         torch.testing.assert_close(relative, plain)
         return
-    distinct, inverse, chosen = prior_queries(split, queries, candidates, 2)
-    likelihoods = torch.stack([caption_log_likelihoods(loaded, split, query, rows, distinct) for rows in chosen])
-    prior = (torch.logsumexp(likelihoods.double(), 0) - torch.log(torch.tensor(2.0, dtype=torch.double)))[inverse]
-    torch.testing.assert_close(relative, plain - prior.float(), rtol=1e-5, atol=1e-4)
+    likelihoods = torch.stack([caption_log_likelihoods(loaded, split, query, rows, candidates)
+                               for rows in other_queries(queries, 2)])
+    prior = (torch.logsumexp(likelihoods.double(), 0) - torch.log(torch.tensor(2.0, dtype=torch.double))).float()
+    torch.testing.assert_close(relative, plain - prior, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(relative, plain)

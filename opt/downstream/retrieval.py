@@ -197,51 +197,16 @@ def pair_tower_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str
     return matrix[query_of_pair, candidate_of_pair]
 
 
-def prior_queries(split: EncodedSplit, queries: torch.Tensor, candidates: torch.Tensor,
-                  count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The queries that estimate each candidate caption's prior: for each distinct candidate row,
-    ``count`` distinct query rows (among ``queries``) of other groups than its own, so its true
-    query is never one of them. Each candidate walks the query rows from its own starting place
-    with a stride of about 1 / (count + 1) of them, so the sets spread over the split and differ
-    from candidate to candidate. Returns (distinct candidate rows (c,), each pair's index into them
-    (p,), the query rows (count, c)); a candidate with fewer others repeats what it has, and one
-    with none gets -1 (no prior)."""
-    rows = queries.unique()
-    distinct, inverse = candidates.unique(return_inverse=True)
-    groups = split.groups()
-    total = len(rows)
-    stride = max(1, total // (count + 1))
-    while math.gcd(stride, total) != 1:  # a stride coprime to the count visits every row once
-        stride += 1
-    chosen = torch.full((count, len(distinct)), -1, dtype=torch.long)
-    for column, candidate in enumerate(distinct.tolist()):
-        start = column * total // max(1, len(distinct))
-        picks = []
-        for step in range(total):
-            row = int(rows[(start + step * stride) % total])
-            if groups[row] != groups[candidate]:
-                picks.append(row)
-                if len(picks) == count:
-                    break
-        if picks:
-            chosen[:, column] = torch.tensor([picks[i % len(picks)] for i in range(count)])
-    return distinct, inverse, chosen
-
-
-def caption_priors(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], queries: torch.Tensor,
-                   candidates: torch.Tensor, count: int, *, batch_size: int = 256) -> torch.Tensor:
-    """Each pair's candidate caption's log prior (p,): the log of its mean likelihood given the
-    ``count`` other queries of :func:`prior_queries` (0 for a candidate without any). It depends on
-    the candidate alone, so it costs ``count`` likelihoods per distinct candidate, not per pair."""
-    distinct, inverse, chosen = prior_queries(split, queries, candidates, count)
-    known = chosen[0] >= 0
-    prior = torch.zeros(len(distinct))
-    if known.any():
-        rows, columns = chosen[:, known], distinct[known]
-        likelihoods = caption_log_likelihoods(loaded, split, query, rows.reshape(-1), columns.repeat(count),
-                                              batch_size=batch_size).reshape(count, -1)
-        prior[known] = torch.logsumexp(likelihoods, 0) - math.log(count)
-    return prior[inverse]
+def other_queries(queries: torch.Tensor, count: int) -> torch.Tensor:
+    """For each pair's query row (p,), ``count`` other distinct query rows (count, p): the distinct
+    rows in order, each pair's own shifted by evenly spaced offsets, so no pair gets its own row
+    (fewer than ``count`` when there are not that many others)."""
+    rows, position = queries.unique(return_inverse=True)
+    count = min(count, len(rows) - 1)
+    shifts = [(index + 1) * len(rows) // (count + 1) for index in range(count)]
+    if not shifts:
+        return queries.new_empty((0, len(queries)))
+    return torch.stack([rows[(position + shift) % len(rows)] for shift in shifts])
 
 
 def pair_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], target: str,
@@ -254,8 +219,8 @@ def pair_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...]
     with this, so the two differ only in the pairs they score.
 
     With ``caption_prior`` M > 0 and captions as candidates, the likelihood of a candidate caption
-    is taken relative to its prior: the log of its mean likelihood given M queries of other groups
-    (:func:`caption_priors`) is subtracted, giving the pointwise mutual information of caption
+    is taken relative to its prior: the log of its mean likelihood given M other queries of the
+    split (:func:`other_queries`) is subtracted, giving the pointwise mutual information of caption
     and query. A caption whose words the decoder finds unlikely whatever it hears (a phrasing
     never met in training) then no longer loses to a likely phrasing of the wrong facts. A text
     query's own prior is the same for every candidate and changes no ranking, so there is none."""
@@ -267,9 +232,11 @@ def pair_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...]
     scores = scores + scale * pair_tower_scores(loaded, split, query, target, queries, candidates)
     if caption_likelihood and target == "text":  # log P(candidate caption | query)
         scores = scores + caption_log_likelihoods(loaded, split, query, queries, candidates, batch_size=batch_size)
-        if caption_prior > 0:  # minus log mean P(candidate caption | another query)
-            scores = scores - caption_priors(loaded, split, query, queries, candidates, caption_prior,
-                                             batch_size=batch_size)
+        others = other_queries(queries, caption_prior)
+        if len(others):  # minus log mean P(candidate caption | another query)
+            priors = torch.stack([caption_log_likelihoods(loaded, split, query, rows, candidates, batch_size=batch_size)
+                                  for rows in others])
+            scores = scores - (torch.logsumexp(priors, 0) - math.log(len(others)))
     elif caption_likelihood and "text" in query:  # log P(query caption | candidate): the captioner scores each
         scores = scores + caption_log_likelihoods(loaded, split, (target,), candidates, queries,
                                                   batch_size=batch_size)
