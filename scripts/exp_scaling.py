@@ -57,6 +57,25 @@ def opt_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "opt", *args]
 
 
+def train_and_evaluate(folder: Path, config: dict, overrides: list[str], eval_args: list[str]) -> Path:
+    """One probe run in ``folder``, each stage skipped once its output exists: ``config.yaml``
+    (written once), ``opt train`` with ``overrides`` into ``train/`` (resuming) and ``opt export`` into
+    ``model/``, then ``opt eval --model model/ --out report/`` with ``eval_args``. Returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "config.yaml"
+    if not config_path.exists():
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    model = folder / "model"
+    if not (model / "config.json").exists():
+        subprocess.run(opt_command("train", "--config", str(config_path), "--run-dir", str(folder / "train"),
+                                   *overrides), check=True)
+        subprocess.run(opt_command("export", str(folder / "train"), "--out", str(model)), check=True)
+    if not (folder / "report" / "metrics.json").exists():
+        subprocess.run(opt_command("eval", "--model", str(model), "--out", str(folder / "report"), *eval_args),
+                       check=True)
+    return folder
+
+
 def run(args: argparse.Namespace) -> None:
     folder = Path(args.out) / f"x{args.scale}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from exp_scaling import lookup, opt_command  # the sibling experiment's helpers (scripts/ is on sys.path)
+from exp_scaling import lookup, opt_command, train_and_evaluate  # the sibling experiment's helpers (scripts/ is on sys.path)
 
 from opt.data.world.speech import UNSEEN_VOICES, VOICES, Voice
 
@@ -74,21 +74,10 @@ def run(args: argparse.Namespace) -> None:
         tokenizer.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(opt_command("tokenizer", "train", "--data", str(world / "train-*.tar"), "--out", str(tokenizer),
                                    "--vocab-size", "512"), check=True)
-    folder = out / f"{args.name}-s{args.seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder / "config.yaml"
-    if not config_path.exists():
-        config_path.write_text(yaml.safe_dump(probe_config(Path(args.config), world, tokenizer, args.seed),
-                                              sort_keys=False))
-    model = folder / "model"
-    if not (model / "config.json").exists():
-        subprocess.run(opt_command("train", "--config", str(config_path), "--run-dir", str(folder / "train"),
-                                   *args.overrides), check=True)
-        subprocess.run(opt_command("export", str(folder / "train"), "--out", str(model)), check=True)
-    if not (folder / "report" / "metrics.json").exists():
-        subprocess.run(opt_command("eval", "--model", str(model), "--data", str(world), "--out", str(folder / "report"),
-                                   "--rerank-k", "10", "--generate-count", "1", "--no-meteor", "--no-card"),
-                       check=True)
+    folder = train_and_evaluate(out / f"{args.name}-s{args.seed}",
+                                probe_config(Path(args.config), world, tokenizer, args.seed), args.overrides,
+                                ["--data", str(world), "--rerank-k", "10", "--generate-count", "1", "--no-meteor",
+                                 "--no-card"])
     (folder / "probe.json").write_text(json.dumps({"world": str(world), "seed": args.seed,
                                                     "overrides": args.overrides}, indent=2))
 

@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 from pathlib import Path
 
 import yaml
-from exp_scaling import lookup, opt_command  # the sibling experiment's helpers (scripts/ is on sys.path)
+from exp_scaling import lookup, train_and_evaluate  # the sibling experiment's helpers (scripts/ is on sys.path)
 
 STEPS = {"text-to-image": 300, "mixture": 600}
 FIGURES = (
@@ -50,21 +49,10 @@ def probe_config(base: Path, vq: Path, seed: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    folder = Path(args.out) / f"{args.name}-s{args.seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder / "config.yaml"
-    if not config_path.exists():
-        config_path.write_text(yaml.safe_dump(probe_config(Path(args.config), Path(args.vq), args.seed),
-                                              sort_keys=False))
-    model = folder / "model"
-    if not (model / "config.json").exists():
-        subprocess.run(opt_command("train", "--config", str(config_path), "--run-dir", str(folder / "train"),
-                                   *args.overrides), check=True)
-        subprocess.run(opt_command("export", str(folder / "train"), "--out", str(model)), check=True)
-    if not (folder / "report" / "metrics.json").exists():
-        subprocess.run(opt_command("eval", "--model", str(model), "--data", str(Path(args.world) / "test-*.tar"),
-                                   "--name", "test", "--out", str(folder / "report"), "--rerank-k", "10",
-                                   "--no-meteor", "--no-card"), check=True)
+    train_and_evaluate(Path(args.out) / f"{args.name}-s{args.seed}",
+                       probe_config(Path(args.config), Path(args.vq), args.seed), args.overrides,
+                       ["--data", str(Path(args.world) / "test-*.tar"), "--name", "test", "--rerank-k", "10",
+                        "--no-meteor", "--no-card"])
 
 
 def figures(folder: Path) -> dict[str, float | None]:
