@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import webdataset as wds
 from opt.cli import main
 from opt.config import load_config
 from opt.data.batch import batch_rows
+from opt.downstream import retrieval
 from opt.downstream.common import EncodedSplit, encode_split, load_model
 from opt.downstream.retrieval import DIRECTIONS, rank_metrics, retrieve
 from opt.engine.export import export_run
@@ -309,6 +312,17 @@ def test_cli_decoding_defaults_are_the_librarys(command):
     settings = EvalSettings()
     for name in ("decoding", "steps", "guidance", "candidates"):
         assert getattr(args, name) == library[name] == getattr(settings, name), name
+    if command == "eval":
+        assert args.caption_prior == settings.caption_prior == retrieval.DEFAULT_CAPTION_PRIOR
+
+
+def test_cli_parser_imports_no_model_code():
+    """Every ``opt`` command builds the whole parser first: building it must not import the model
+    (transformers, timm, torchaudio), which costs seconds on each start."""
+    code = ("import sys; from opt.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('opt.model', 'opt.downstream', 'transformers'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_eval_writes_metrics_report_and_pictures(model_dir, world, tmp_path):

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CANDIDATES = 32  # text-to-image best-of-N (a literal here so the CLI starts without importing torch)
 GENERATE_BATCH = 256  # images drawn at once (text_to_image.CANDIDATE_ROWS, a literal for the same reason)
+DEFAULT_CAPTION_PRIOR = 0  # retrieval.DEFAULT_CAPTION_PRIOR, a literal for the same reason
 MODEL_HELP = "model directory written by opt export (config.json, model.safetensors, vq/, tokenizer.model)"
 FILES_HELP = ("{} files: files, folders (their {} files, recursive, sorted) or globs; each file's key is "
               "its path as given or found")
@@ -33,8 +34,6 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 def add_caption_terms(parser: argparse.ArgumentParser) -> None:
     """Re-ranking's caption terms: ``--no-caption-likelihood`` and ``--caption-prior``."""
-    from opt.downstream.retrieval import DEFAULT_CAPTION_PRIOR
-
     parser.add_argument("--no-caption-likelihood", dest="caption_likelihood", action="store_false",
                         help="re-rank without the text decoder's caption likelihood (captions: "
                         "log P(caption | query); images or speech for a text query: log P(query | candidate))")
