@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchaudio.functional as AF
+import torchaudio.transforms as AT
 
 # (voice name, variant); the variant changes timbre and pitch range. These speak train, val,
 # test and test_novel.
@@ -117,6 +117,8 @@ class Speaker:
         self._chunks: list[np.ndarray] = []
         self._callback = _CALLBACK(self._collect)  # keep a reference: the library calls it later
         self._lib.espeak_SetSynthCallback(self._callback)
+        # the resampling kernel is built once (torchaudio.functional.resample builds it on every call)
+        self._resample = AT.Resample(self.engine_rate, sample_rate, dtype=torch.float32)
 
     def _collect(self, samples, count, _events) -> int:
         if count > 0:
@@ -141,7 +143,7 @@ class Speaker:
         """Speech at ``sample_rate`` as float32 in [-1, 1], with noise at ``voice.snr_db``."""
         speech = self.synthesize(text, voice, seed=int(rng.integers(2**31)))
         clean = torch.from_numpy(speech.astype(np.float32) / 32768.0)
-        wave = AF.resample(clean, self.engine_rate, self.sample_rate).numpy()
+        wave = self._resample(clean).numpy()
         peak = float(np.abs(wave).max()) if wave.size else 0.0
         if peak > 0:
             wave = wave * (PEAK_LEVEL / peak)
