@@ -130,7 +130,9 @@ class DataConfig:
     batch_size: int = ranged(32, ge=1)  # samples per batch on one process
     workers: int = ranged(2, ge=0)  # data loader worker processes
     shuffle_buffer: int = ranged(1000, ge=0)  # samples held for shuffling (0 disables shuffling)
-    cache_decoded: bool = False  # training: keep every decoded sample in memory (each worker), for corpora that fit
+    # training: keep every decoded sample in memory (each worker), for corpora that fit, and the VQ codes of
+    # every image (the trainer's process)
+    cache_decoded: bool = False
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
 
 

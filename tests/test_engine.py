@@ -142,3 +142,24 @@ def test_one_schedule_serves_pretraining_and_the_vq():
     assert vq[10] == pytest.approx(0.5) and vq[1] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 20)))
     linear = [learning_rate_factor(s, warmup=0, total=10, decay="linear") for s in (0, 5, 10)]
     assert linear == [1.0, 0.5, 0.0]
+
+
+def test_a_run_on_cached_samples_encodes_each_image_once_and_trains_as_without(train_overrides, world, tmp_path):
+    """``data.cache_decoded`` also keeps each training image's VQ codes (the tokenizer is frozen):
+    from the second epoch on no image is encoded again, and the weights are those of a run that
+    encodes every batch."""
+    images_only = train_overrides + [f"data.train={world}/train-000000.tar", "data.batch_size=16",
+                                     "tasks.weights={mlm: 0, mam: 0, text_decoding: 0, itm: 0, contrastive: 0, "
+                                     "image_decoding: 1, mvm: 1}"]
+    runs = {}
+    for cached in (True, False):
+        config = load_config("configs/tiny.yaml", images_only + [f"data.cache_decoded={cached}", "train.steps=14"])
+        trainer = Trainer(config, tmp_path / str(cached), progress=False)
+        trainer.fit()
+        runs[cached] = trainer
+    memory = runs[True].model.__dict__["code_memory"]
+    assert len(memory.codes) == 100 and memory.misses == 100  # the shard's 100 images, each encoded once
+    assert memory.hits == 14 * 16 - 100
+    assert "code_memory" not in runs[False].model.__dict__
+    cached, plain = final_weights(tmp_path / "True"), final_weights(tmp_path / "False")
+    assert all(torch.equal(cached[name], plain[name]) for name in plain)

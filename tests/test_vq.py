@@ -11,7 +11,7 @@ from opt.cli import main
 from opt.config import Quantizer, VQConfig, load_config
 from opt.data.pipeline import BatchLoader
 from opt.errors import ConfigError
-from opt.model.vq import VQTokenizer, codebook_usage, load_vq, psnr, save_vq
+from opt.model.vq import CodeMemory, VQTokenizer, codebook_usage, load_vq, psnr, save_vq
 
 
 def test_codes_are_an_8x8_grid_and_decode_back_to_images():
@@ -246,3 +246,41 @@ def test_opt_vq_train_with_fsq_reports_usage_of_the_grid_and_builds_a_model_that
     codes = model.image_codes(torch.rand(2, 3, 64, 64))
     assert codes.shape == (2, 64) and codes.max() < 125
     assert model.decode_image_codes(codes).shape == (2, 3, 64, 64)
+
+
+def test_code_memory_encodes_each_image_once_and_gives_the_tokenizers_codes():
+    torch.manual_seed(0)
+    model = VQTokenizer(VQConfig(codebook_size=32, channels=16, res_blocks=0)).eval()
+    images = torch.rand(4, 3, 64, 64)
+    model(images)  # k-means initialisation
+    encoded = []
+
+    def encode(pixels):
+        encoded.append(len(pixels))
+        return model.encode(pixels)
+
+    memory = CodeMemory()
+    assert torch.equal(memory(images, encode), model.encode(images)) and encoded == [4]
+    assert torch.equal(memory(images.flip(0), encode), model.encode(images).flip(0)) and encoded == [4]
+    changed = images[1].clone()
+    changed[0, 0, 0] += 1e-3  # one value of one pixel: another image
+    batch = torch.stack([images[3], changed, images[0]])
+    codes = memory(batch, encode)
+    assert encoded == [4, 3]  # the batch is encoded for its new image, as it would be without the memory
+    assert torch.equal(codes, model.encode(batch))
+    assert (memory.hits, memory.misses) == (4 + 2, 4 + 1) and len(memory.codes) == 5
+
+
+def test_a_model_remembers_codes_until_its_tokenizer_changes(tmp_path):
+    from opt.model.opt_model import ModelSpec, OPTModel
+    from tests.test_model import SMALL
+
+    model = OPTModel(ModelSpec.from_config(load_config(None, SMALL), None))
+    pixels = torch.rand(2, 3, 64, 64)
+    plain = model.image_codes(pixels)
+    memory = model.remember_image_codes()
+    assert torch.equal(model.image_codes(pixels), plain) and torch.equal(model.image_codes(pixels), plain)
+    assert (memory.hits, memory.misses) == (2, 2)
+    save_vq(model.vq, tmp_path / "vq")
+    model.load_vq(tmp_path / "vq")
+    assert model.__dict__["code_memory"] is not memory and not model.__dict__["code_memory"].codes

@@ -200,6 +200,8 @@ class Trainer:
         self.lock = self._lock_run_directory()
         torch.manual_seed(config.train.seed)
         config, self.tokenizer, model = build_model(config, self.run)
+        if config.data.cache_decoded:  # the same images every epoch: each is VQ-encoded once
+            model.remember_image_codes()
         freeze_parameters(model, config.train.freeze)
         self.config = config = resolve_precision(config, model, self.device)
         self.backend = build_engine(config, model)

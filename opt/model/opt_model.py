@@ -31,7 +31,7 @@ from opt.model.decoders import ImageTokenDecoder, TextDecoder
 from opt.model.encoders import AudioEncoder, TextEncoder, VisionEncoder
 from opt.model.io import CONFIG_NAME, load_weights, read_config, save_directory
 from opt.model.layers import init_weights
-from opt.model.vq import VQTokenizer, load_vq, save_vq
+from opt.model.vq import CodeMemory, VQTokenizer, load_vq, save_vq
 from opt.text.tokenizer import SPECIAL_IDS
 
 MODEL_TYPE = "opt"  # config.json's model_type, as Hugging Face model directories name their architecture
@@ -198,6 +198,8 @@ class OPTModel(nn.Module):
         if vq.config != self.spec.model.vq:
             raise UserError(f"the VQ tokenizer in {directory} does not match model.vq in the config")
         self.__dict__["vq"] = vq.requires_grad_(False).eval()
+        if "code_memory" in self.__dict__:  # codes of the tokenizer before are not this one's
+            self.__dict__["code_memory"] = CodeMemory()
 
     # -- encoding -------------------------------------------------------------------------------
 
@@ -265,10 +267,19 @@ class OPTModel(nn.Module):
                 similarities.append(cls.new_zeros(cls.shape[0]))
         return self.heads["itm"](torch.cat([cls, torch.stack(similarities, dim=-1)], dim=-1))
 
+    def remember_image_codes(self) -> CodeMemory:
+        """From now on keep the VQ codes of every image encoded (:class:`~opt.model.vq.CodeMemory`):
+        for training on a corpus held in memory, whose images come back every epoch unchanged."""
+        if "code_memory" not in self.__dict__:  # a plain attribute, as the tokenizer itself
+            self.__dict__["code_memory"] = CodeMemory()
+        return self.__dict__["code_memory"]
+
     @torch.no_grad()
     def image_codes(self, pixels: torch.Tensor) -> torch.Tensor:
         """VQ codes (b, n) of images in [0, 1]."""
-        return self.vq.to(pixels.device).encode(pixels)
+        encode = self.vq.to(pixels.device).encode
+        memory = self.__dict__.get("code_memory")
+        return encode(pixels) if memory is None else memory(pixels, encode)
 
     @torch.no_grad()
     def patch_codes(self, codes: torch.Tensor) -> torch.Tensor:

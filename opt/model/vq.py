@@ -23,6 +23,8 @@ Pixels are floats in [0, 1] at the interface; internally [-1, 1].
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -152,6 +154,33 @@ class VQTokenizer(nn.Module):
         with torch.autocast(codes.device.type, enabled=False):
             quantized = self._dequantize(codes.reshape(-1, side, side))
             return ((self.decoder(quantized.float()) + 1) / 2).clamp(0, 1)
+
+
+class CodeMemory:
+    """The codes of images a frozen tokenizer has already encoded, keyed by a digest of each
+    image's pixels: an image's codes never change, so a run that sees the same images every
+    epoch (``data.cache_decoded``) encodes each one once. An image whose pixels differ in any
+    way (an augmentation, another crop) is another key. The codes live on the CPU."""
+
+    def __init__(self) -> None:
+        self.codes: dict[bytes, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, pixels: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Codes (b, n) of ``pixels`` (b, 3, H, W): the remembered ones, and where any image is new,
+        ``encode`` of the batch for it."""
+        digests = [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()
+                   for image in pixels.detach().float().cpu().contiguous()]
+        found = {row: self.codes[digest] for row, digest in enumerate(digests) if digest in self.codes}
+        missing = [row for row in range(len(digests)) if row not in found]
+        if missing:  # the whole batch, as without the memory: a lone image can take other conv kernels
+            fresh = encode(pixels).cpu()
+            for row in missing:
+                found[row] = self.codes[digests[row]] = fresh[row]
+        self.hits += len(digests) - len(missing)
+        self.misses += len(missing)
+        return torch.stack([found[row] for row in range(len(digests))]).to(pixels.device)
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, pixels: torch.Tensor, *,
