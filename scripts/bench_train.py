@@ -68,7 +68,7 @@ class RealStep:
     def __init__(self, name: str, *, precision: str = "fp32", mode: str = "sample", compiled: bool = False,
                  batch_size: int | None = None, tokenizer=None) -> None:
         overrides = [f"train.precision={precision}", f"tasks.mode={mode}", f"train.compile={compiled}",
-                     "train.accumulation=1", "train.zero_stage=0", "model.dropout=0.1"]
+                     "train.accumulation=1", "train.zero_stage=0"]  # each config's own dropout
         self.config = load_config(ROOT / f"configs/{name}.yaml", overrides)
         self.device = init_distributed()
         torch.manual_seed(0)

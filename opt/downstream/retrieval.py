@@ -233,9 +233,9 @@ def pair_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...]
     if caption_likelihood and target == "text":  # log P(candidate caption | query)
         scores = scores + caption_log_likelihoods(loaded, split, query, queries, candidates, batch_size=batch_size)
         others = other_queries(queries, caption_prior)
-        if len(others):  # minus log mean P(candidate caption | another query)
-            priors = torch.stack([caption_log_likelihoods(loaded, split, query, rows, candidates, batch_size=batch_size)
-                                  for rows in others])
+        if len(others):  # minus log mean P(candidate caption | another query); one call fuses each query row once
+            priors = caption_log_likelihoods(loaded, split, query, others.reshape(-1), candidates.repeat(len(others)),
+                                             batch_size=batch_size).reshape(len(others), -1)
             scores = scores - (torch.logsumexp(priors, 0) - math.log(len(others)))
     elif caption_likelihood and "text" in query:  # log P(query caption | candidate): the captioner scores each
         scores = scores + caption_log_likelihoods(loaded, split, (target,), candidates, queries,
