@@ -177,7 +177,7 @@ class CodeMemory:
         if missing:  # the whole batch, as without the memory: a lone image can take other conv kernels
             fresh = encode(pixels).cpu()
             for row in missing:
-                found[row] = self.codes[digests[row]] = fresh[row]
+                found[row] = self.codes[digests[row]] = fresh[row].clone()  # not a view of the batch
         self.hits += len(digests) - len(missing)
         self.misses += len(missing)
         return torch.stack([found[row] for row in range(len(digests))]).to(pixels.device)
