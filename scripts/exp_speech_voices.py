@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from exp_scaling import lookup, opt_command, train_and_evaluate  # the sibling experiment's helpers (scripts/ is on sys.path)
+# the sibling experiment's helpers (scripts/ is on sys.path)
+from exp_scaling import lookup, opt_command, train_and_evaluate
 
 from opt.data.world.speech import UNSEEN_VOICES, VOICES, Voice
 

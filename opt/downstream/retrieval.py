@@ -211,7 +211,7 @@ def other_queries(queries: torch.Tensor, count: int) -> torch.Tensor:
 
 def pair_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], target: str,
                 queries: torch.Tensor, candidates: torch.Tensor, *, caption_likelihood: bool = True,
-                caption_prior: int = 0, batch_size: int = 256) -> torch.Tensor:
+                caption_prior: int = DEFAULT_CAPTION_PRIOR, batch_size: int = 256) -> torch.Tensor:
     """The re-ranking score of each (query row, candidate row) pair (p,), higher is better:
     the matching head's log P(matched) plus the towers' contrastive logit, plus the caption's
     log-likelihood when ``caption_likelihood`` and a caption is on one side (see the module
@@ -244,7 +244,7 @@ def pair_scores(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...]
 
 
 def retrieve(loaded: LoadedModel, split: EncodedSplit, query: tuple[str, ...], target: str, *,
-             rerank_k: int = 16, caption_likelihood: bool = True, caption_prior: int = 0,
+             rerank_k: int = 16, caption_likelihood: bool = True, caption_prior: int = DEFAULT_CAPTION_PRIOR,
              batch_size: int = 256) -> dict:
     """Rank all candidates for every query; metrics after re-ranking (and before, in ``two_tower``).
     ``batch_size``: (query, candidate) pairs re-ranked at once."""
